@@ -1,0 +1,209 @@
+"""The `ecapa-accel` command line: parses arguments and calls library functions, nothing more.
+
+Library modules are imported inside each command so that `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Train ECAPA-TDNN speaker embeddings on several datasets with Hugging Face accelerate; "
+    "resume exactly after any crash.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Check manifests and look at the training stream.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+OVERRIDES = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=100.", show_default=False)
+JSON_FLAG = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+
+
+def _print_json(obj) -> None:
+    typer.echo(json.dumps(obj))
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML config (see recipes/)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory; a run already there is resumed."),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Train in this process (use `accelerate launch -m ecapa_accel.train` for several processes)."""
+    from .config import load_config
+    from .train import train as train_run
+
+    train_run(load_config(config, overrides), run_dir)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="Run directory holding config.yaml."),
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Continue a run from RUN_DIR/config.yaml and its newest complete checkpoint."""
+    from .train import resume as resume_run
+
+    resume_run(run_dir, overrides)
+
+
+@app.command()
+def status(run_dir: Path = typer.Argument(..., help="Run directory."), as_json: bool = JSON_FLAG) -> None:
+    """Show the step, epoch and complete checkpoints of a run."""
+    from .checkpoint import run_status
+
+    info = run_status(run_dir)
+    if as_json:
+        _print_json(info)
+        return
+    state = "finished" if info["finished"] else "not finished"
+    typer.echo(f"{info['run_dir']}: step {info['step']}, epoch {info['epoch']}, {state}")
+    typer.echo("checkpoints: " + (", ".join(info["checkpoints"]) or "none"))
+
+
+@data_app.command("check")
+def data_check(csvs: List[Path] = typer.Argument(..., help="Manifest CSV files.")) -> None:
+    """Validate manifests (columns, IDs, segments, audio headers) and summarise them."""
+    from .data import check_manifests
+
+    for line in check_manifests(csvs):
+        typer.echo(line)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    config: Path = typer.Argument(..., help="YAML config."),
+    batches: int = typer.Option(10, "--batches", help="Number of real batches to draw."),
+    as_json: bool = JSON_FLAG,
+    overrides: Optional[List[str]] = OVERRIDES,
+) -> None:
+    """Draw real training batches (decode, crop, augment: all but the model) and report throughput and mix."""
+    from .config import load_config
+    from .data import inspect_stream
+
+    report = inspect_stream(load_config(config, overrides), batches)
+    if as_json:
+        _print_json(report)
+        return
+    for key, value in report.items():
+        typer.echo(f"{key}: {value}")
+
+
+class Layout(str, Enum):
+    voxceleb = "voxceleb"
+    cnceleb = "cnceleb"
+    folder = "folder"
+
+
+@app.command()
+def prepare(
+    layout: Layout = typer.Argument(..., help="Corpus layout."),
+    root: Path = typer.Argument(..., help="Corpus root folder."),
+    out_csv: Path = typer.Argument(..., help="Manifest to write."),
+) -> None:
+    """Write a manifest CSV from a standard corpus layout (VoxCeleb, CN-Celeb, ROOT/<speaker>/**)."""
+    from .data import prepare_manifest
+
+    typer.echo(prepare_manifest(layout.value, root, out_csv))
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: Path = typer.Argument(..., help="Export folder or run directory."),
+    trials: Path = typer.Option(..., "--trials", help="Trials: '1 a.wav b.wav' or 'utt_a utt_b target'."),
+    audio_root: Optional[Path] = typer.Option(None, "--audio-root", help="Folder trial paths resolve against."),
+    cohort: Optional[Path] = typer.Option(None, "--cohort", help="Cohort manifest CSV for AS-norm."),
+    scores: Optional[Path] = typer.Option(None, "--scores", help="Write the trial scores here."),
+    as_json: bool = JSON_FLAG,
+) -> None:
+    """Score verification trials with cosine similarity and report EER and minDCF."""
+    from .evaluate import evaluate_trials
+
+    report = evaluate_trials(model_dir, trials, audio_root=audio_root, cohort=cohort, scores_out=scores)
+    if as_json:
+        _print_json(report)
+        return
+    for key, value in report.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+def embed(
+    model_dir: Path = typer.Argument(..., help="Export folder or run directory."),
+    audio: List[Path] = typer.Argument(..., help="Audio files."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a .safetensors file (one tensor per path)."),
+) -> None:
+    """Embed audio files: JSON lines on stdout, or a safetensors file with --out."""
+    from .encoder import embed_files
+
+    for line in embed_files(model_dir, audio, out):
+        typer.echo(line)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="Run directory."),
+    out_dir: Optional[Path] = typer.Argument(None, help="Export folder (default RUN_DIR/export)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
+) -> None:
+    """Write an export folder (model.safetensors + config.json) from a complete checkpoint."""
+    from .train import export_run
+
+    typer.echo(export_run(run_dir, out_dir, step))
+
+
+class Peer(str, Enum):
+    threedspeaker = "3dspeaker"
+    wespeaker = "wespeaker"
+    speechbrain = "speechbrain"
+
+
+@app.command()
+def convert(
+    peer: Peer = typer.Option(..., "--from", help="Which toolkit wrote SRC."),
+    src: Path = typer.Argument(..., help="Peer checkpoint (embedding_model.ckpt, avg_model.pt, ...)."),
+    out_dir: Path = typer.Argument(..., help="Export folder to write."),
+) -> None:
+    """Convert a 3D-Speaker, WeSpeaker or SpeechBrain ECAPA checkpoint into an export folder."""
+    from .convert import convert_checkpoint
+
+    typer.echo(convert_checkpoint(peer.value, src, out_dir))
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
+    """Write training and evaluation plots (PNG) into RUN_DIR/plots/."""
+    from .plot import plot_run
+
+    for path in plot_run(run_dir):
+        typer.echo(path)
+
+
+@app.command()
+def demo(out_dir: Path = typer.Argument(Path("ecapa-demo"), help="Where the demo corpus and run go.")) -> None:
+    """Generate a synthetic corpus, train (interrupted and resumed), evaluate: no download needed."""
+    from .demo import run_demo
+
+    run_demo(out_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="ecapa-accel")
+    except UserError as error:
+        typer.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
