@@ -41,7 +41,7 @@ def train(
 ) -> None:
     """Train in this process (use `accelerate launch -m ecapa_accel.train` for several processes)."""
     from .config import load_config
-    from .train import train as train_run
+    from .trainer import train as train_run
 
     train_run(load_config(config, overrides), run_dir)
 
@@ -52,7 +52,7 @@ def resume(
     overrides: Optional[List[str]] = OVERRIDES,
 ) -> None:
     """Continue a run from RUN_DIR/config.yaml and its newest complete checkpoint."""
-    from .train import resume as resume_run
+    from .trainer import resume as resume_run
 
     resume_run(run_dir, overrides)
 
@@ -157,7 +157,7 @@ def export(
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
 ) -> None:
     """Write an export folder (model.safetensors + config.json) from a complete checkpoint."""
-    from .train import export_run
+    from .trainer import export_run
 
     typer.echo(export_run(run_dir, out_dir, step))
 

@@ -124,6 +124,11 @@ class EvalConfig:
     audio_root: str | None = None  # where trial paths resolve (default: the trials file's folder)
     every_steps: int = 0  # 0: only at the end of each epoch
     keep_best: bool = False  # export the checkpoint with the best EER instead of the last
+    manifest: str | None = None  # CSV with ID,path columns mapping Kaldi-style trial utterance IDs to audio
+    chunk_seconds: float = 20.0  # longer files are embedded in overlapping chunks of this length, then averaged
+    batch_seconds: float = 200.0  # audio per forward batch (equal-length utterances and chunks are batched)
+    decode_workers: int = 2  # threads decoding audio ahead of the model
+    asnorm_top_k: int = 300  # AS-norm: cohort scores averaged per side (the K highest)
 
 
 @dataclass

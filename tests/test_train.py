@@ -1,0 +1,212 @@
+"""The training loop through the real CLI: exact resume after SIGKILL/SIGTERM, multi-process, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+STEPS = 10
+
+
+def tiny_config(tmp_path: Path, tone_corpus, **train) -> Path:
+    """Two generated datasets, a tiny ECAPA and a short run; returns the config path."""
+    first = tone_corpus("alpha", speakers=3, utterances=4, seconds=1.0)
+    second = tone_corpus("beta", speakers=3, utterances=4, seconds=1.0, seed=1)
+    config = {
+        "data": {
+            "datasets": [
+                {"name": "alpha", "csv": str(first), "weight": 0.5},
+                {"name": "beta", "csv": str(second), "weight": 0.5},
+            ],
+            "crop_seconds": 0.5,
+            "num_workers": 0,
+        },
+        "features": {"n_mels": 24},
+        "model": {"channels": 16, "embed_dim": 16},
+        "optim": {"lr": 0.05, "warmup_epochs": 0.5},
+        "train": {"batch_size": 4, "max_steps": STEPS, "epochs": 100, "checkpoint_every_steps": 3,
+                  "checkpoint_every_minutes": 0, "log_every_steps": 1, **train},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *args], capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ecapa_accel.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    status = json.loads(cli("status", str(run_dir), "--json").stdout)
+    assert status["finished"] and status["step"] == STEPS, status
+    return load_file(str(run_dir / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def reference(tmp_path, tone_corpus):
+    """An uninterrupted run with 0 data workers: (config path, final weights)."""
+    config = tiny_config(tmp_path, tone_corpus)
+    run = tmp_path / "reference"
+    result = cli("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (run / "export" / "model.safetensors").is_file()
+    assert (run / "speakers.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, STEPS + 1))
+    return config, final_weights(run)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, reference):
+    """Killed after a checkpoint (and again inside a checkpoint write), resumed with 2 workers: same weights."""
+    config, expected = reference
+    run = tmp_path / "killed"
+    checkpoints = run / "checkpoints"
+
+    process = start("train", str(config), "--run-dir", str(run), "data.num_workers=2")
+    wait_for(lambda: (checkpoints / "step_3").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert json.loads(cli("status", str(run), "--json").stdout)["step"] >= 3
+
+    # Kill inside a checkpoint write: poll for the in-progress dot folder and kill at once.
+    interrupted_write = False
+    for _ in range(5):
+        process = start("resume", str(run), "train.checkpoint_every_steps=1", "data.num_workers=2")
+
+        def writing() -> bool:
+            return checkpoints.is_dir() and any(p.startswith(".") for p in os.listdir(checkpoints))
+
+        try:
+            wait_for(writing, process, timeout=60)
+        except AssertionError:
+            break  # the run finished before a write was caught
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        interrupted_write = interrupted_write or any(p.startswith(".") for p in os.listdir(checkpoints))
+        if interrupted_write:
+            break
+    assert interrupted_write, "no SIGKILL landed inside a checkpoint write"
+
+    result = cli("resume", str(run), "data.num_workers=2")
+    assert result.returncode == 0, result.stderr
+    assert not any(p.startswith(".") for p in os.listdir(checkpoints))
+    assert_identical(final_weights(run), expected)
+
+
+def test_sigterm_checkpoints_current_step_and_resume_is_identical(tmp_path, reference):
+    config, expected = reference
+    run = tmp_path / "preempted"
+    process = start("train", str(config), "--run-dir", str(run), "train.checkpoint_every_steps=100")
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2,
+             process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    status = json.loads(cli("status", str(run), "--json").stdout)
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert status["checkpoints"][-1] == f"step_{status['step']}"
+    assert status["step"] == max(logged) and not status["finished"]
+
+    result = cli("resume", str(run))
+    assert result.returncode == 0, result.stderr
+    assert_identical(final_weights(run), expected)
+
+
+def test_two_processes_then_one_keeps_global_batch(tmp_path, tone_corpus):
+    config = tiny_config(tmp_path, tone_corpus, max_steps=4, checkpoint_every_steps=2)
+    run = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "ecapa_accel.train", str(config), "--run-dir", str(run)]
+    result = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = json.loads(cli("status", str(run), "--json").stdout)
+    assert status["step"] == 4 and status["checkpoints"][-1] == "step_4"
+    state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 4 * 4
+
+    result = cli("resume", str(run), "train.max_steps=6")
+    assert result.returncode == 0, result.stderr
+    state = json.loads((run / "checkpoints" / "step_6" / "trainer_state.json").read_text())
+    assert state["world_size"] == 1 and state["samples_seen"] == 6 * 4
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def test_bf16_autocast_on_cpu_trains_without_nan(tmp_path, tone_corpus):
+    config = tiny_config(tmp_path, tone_corpus, max_steps=3, mixed_precision="bf16")
+    run = tmp_path / "bf16"
+    result = cli("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
+    config = tiny_config(tmp_path, tone_corpus, max_steps=2)
+    run = tmp_path / "run"
+
+    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.bogus=1"), "train.bogus")
+    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=many"), "train.batch_size")
+    assert_user_error(cli("train", str(tmp_path / "missing.yaml"), "--run-dir", str(run)), "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config.read_text().replace("channels: 16", "channels: 16\n  colour: red"))
+    assert_user_error(cli("train", str(bad), "--run-dir", str(run)), "model.colour")
+    assert not run.exists()
+
+    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
+    before = tree(run)
+    assert_user_error(cli("resume", str(run), "model.channels=32"), "model.channels")
+    assert_user_error(cli("resume", str(run), "train.seed=7"), "train.seed")
+    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=8"), "train.batch_size")
+    assert_user_error(cli("resume", str(tmp_path / "nowhere")), "nowhere")
+    assert tree(run) == before
+
+    # Raising max_steps on a finished run continues it.
+    result = cli("resume", str(run), "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(cli("status", str(run), "--json").stdout)["step"] == 3
