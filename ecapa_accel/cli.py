@@ -122,19 +122,29 @@ def eval_command(
     model_dir: Path = typer.Argument(..., help="Export folder or run directory."),
     trials: Path = typer.Option(..., "--trials", help="Trials: '1 a.wav b.wav' or 'utt_a utt_b target'."),
     audio_root: Optional[Path] = typer.Option(None, "--audio-root", help="Folder trial paths resolve against."),
+    manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV (ID,path) mapping trial IDs to audio."),
     cohort: Optional[Path] = typer.Option(None, "--cohort", help="Cohort manifest CSV for AS-norm."),
-    scores: Optional[Path] = typer.Option(None, "--scores", help="Write the trial scores here."),
+    top_k: int = typer.Option(300, "--top-k", help="AS-norm: highest cohort scores used per side."),
+    scores: Optional[Path] = typer.Option(
+        None, "--scores", help="Write 'enroll test cosine label' per trial; with --cohort 'enroll test cosine "
+        "asnorm label'."
+    ),
     as_json: bool = JSON_FLAG,
 ) -> None:
-    """Score verification trials with cosine similarity and report EER and minDCF."""
+    """Score verification trials with cosine similarity and report EER and minDCF (raw, and AS-norm with --cohort)."""
     from .evaluate import evaluate_trials
 
-    report = evaluate_trials(model_dir, trials, audio_root=audio_root, cohort=cohort, scores_out=scores)
+    report = evaluate_trials(model_dir, trials, audio_root=audio_root, cohort=cohort, scores_out=scores,
+                             manifest=manifest, top_k=top_k)
     if as_json:
         _print_json(report)
         return
-    for key, value in report.items():
-        typer.echo(f"{key}: {value}")
+    typer.echo(f"{report['trials']} trials: EER {report['eer']:.3f}%, minDCF {report['min_dcf']:.4f}, "
+               f"threshold {report['threshold']:.4f}")
+    if "asnorm" in report:
+        norm = report["asnorm"]
+        typer.echo(f"AS-norm (top {norm['top_k']} of {norm['cohort_size']} cohort): EER {norm['eer']:.3f}%, "
+                   f"minDCF {norm['min_dcf']:.4f}, threshold {norm['threshold']:.4f}")
 
 
 @app.command()
@@ -185,7 +195,7 @@ def plot(run_dir: Path = typer.Argument(..., help="Run directory.")) -> None:
     """Write training and evaluation plots (PNG) into RUN_DIR/plots/."""
     from .plot import plot_run
 
-    for path in plot_run(run_dir):
+    for path in plot_run(run_dir, on_skip=typer.echo):
         typer.echo(path)
 
 

@@ -171,13 +171,14 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     data = build_training_data(cfg, label_map=_load_label_map(run_dir))  # validates before anything is written
 
     # ---- build
-    micro_batch, accumulation = batch_split(cfg.train.batch_size, _process_count(), cfg.train.max_device_batch_size)
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=accumulation,
         step_scheduler_with_optimizer=False,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    micro_batch, accelerator.gradient_accumulation_steps = batch_split(
+        cfg.train.batch_size, accelerator.num_processes, cfg.train.max_device_batch_size
     )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -302,23 +303,17 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     # ---- finish
     progress.close()
     stop.restore()
-    accelerator.end_training()
     export_dir = run_dir / "export"
     if state.finished and accelerator.is_main_process and not (cfg.eval.keep_best and export_dir.is_dir()):
         export_model(accelerator.unwrap_model(net).embedding, cfg, export_dir)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also ends the process group: no collective calls after this
     if stop.signal is not None:
         if accelerator.is_main_process:
             print(f"stopped by signal at step {state.step}; checkpoint saved; resume with "
                   f"`ecapa-accel resume {run_dir}`", file=sys.stderr)
         sys.exit(EXIT_CODES[signal.Signals(stop.signal)])
     return export_dir
-
-
-def _process_count() -> int:
-    from accelerate import PartialState
-
-    return PartialState().num_processes
 
 
 def _log(accelerator: Accelerator, run_dir: Path, record: dict) -> None:

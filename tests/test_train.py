@@ -160,7 +160,7 @@ def test_two_processes_then_one_keeps_global_batch(tmp_path, tone_corpus):
     state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["samples_seen"] == 4 * 4
 
-    result = cli("resume", str(run), "train.max_steps=6")
+    result = cli("resume", str(run), "train.max_steps=6", "train.max_device_batch_size=2")  # 1 process x 2 micro-steps
     assert result.returncode == 0, result.stderr
     state = json.loads((run / "checkpoints" / "step_6" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["samples_seen"] == 6 * 4
@@ -210,3 +210,10 @@ def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
     result = cli("resume", str(run), "train.max_steps=3")
     assert result.returncode == 0, result.stderr
     assert json.loads(cli("status", str(run), "--json").stdout)["step"] == 3
+
+    # Export any complete checkpoint; a missing step is refused.
+    result = cli("export", str(run), str(tmp_path / "exported"), "--step", "2")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert_user_error(cli("export", str(run), str(tmp_path / "nope"), "--step", "99"), "step_99")
+    assert not (tmp_path / "nope").exists()
