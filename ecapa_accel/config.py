@@ -125,10 +125,8 @@ class EvalConfig:
     every_steps: int = 0  # 0: only at the end of each epoch
     keep_best: bool = False  # export the checkpoint with the best EER instead of the last
     manifest: str | None = None  # CSV with ID,path columns mapping Kaldi-style trial utterance IDs to audio
-    chunk_seconds: float = 20.0  # longer files are embedded in overlapping chunks of this length, then averaged
-    batch_seconds: float = 200.0  # audio per forward batch (equal-length utterances and chunks are batched)
+    batch_seconds: float = 200.0  # audio per forward batch (utterances of equal length share batches)
     decode_workers: int = 2  # threads decoding audio ahead of the model
-    asnorm_top_k: int = 300  # AS-norm: cohort scores averaged per side (the K highest)
 
 
 @dataclass
@@ -157,7 +155,7 @@ SAFE_RESUME_KEYS = (
 )
 
 # Path-valued keys, resolved against the config file's folder.
-_PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root")
+_PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root", "manifest")
 
 
 def _convert(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -352,6 +350,8 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
     need(cfg.train.log_every_steps >= 1, "train.log_every_steps", "must be at least 1")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
+    need(cfg.eval.batch_seconds > 0, "eval.batch_seconds", "must be positive")
+    need(cfg.eval.decode_workers >= 1, "eval.decode_workers", "must be at least 1")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 import torchaudio.functional as AF
 
 from .config import EvalConfig
+from .encoder import MAX_CHUNK_SECONDS, EcapaEncoder, read_mono
 from .errors import UserError
+from .model import MIN_FRAMES
 
 ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
 
@@ -109,8 +111,7 @@ def score_report(scores: ArrayLike, labels: ArrayLike) -> dict:
     """`{"eer" (percent), "min_dcf" (p_target 0.01), "trials", "threshold"}` of one score list."""
     curve = det_curve(scores, labels)
     eer, threshold = curve.eer_point()
-    return {"eer": 100.0 * eer, "min_dcf": curve.min_dcf_point()[0], "trials": int(curve.miss.size and len(scores)),
-            "threshold": threshold}
+    return {"eer": 100.0 * eer, "min_dcf": curve.min_dcf_point()[0], "trials": len(labels), "threshold": threshold}
 
 
 # ---- AS-norm
@@ -136,7 +137,9 @@ def as_norm(
     """Adaptive symmetric score normalisation: the mean of the score z-normalised by each side's cohort statistics."""
     (enroll_mean, enroll_std), (test_mean, test_std) = enroll_stats, test_stats
     floor = 1e-6  # a cohort whose top scores are all equal must not divide by zero
-    return 0.5 * ((scores - enroll_mean) / enroll_std.clamp_min(floor) + (scores - test_mean) / test_std.clamp_min(floor))
+    enroll_z = (scores - enroll_mean) / enroll_std.clamp_min(floor)
+    test_z = (scores - test_mean) / test_std.clamp_min(floor)
+    return 0.5 * (enroll_z + test_z)
 
 
 # ---- trials, manifests and audio
@@ -158,7 +161,7 @@ def read_trials(path: str | Path) -> tuple[list[Trial], str]:
     """Parse a trials file; returns the trials and the format found ("voxceleb" or "kaldi")."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise UserError(f"{path}: trials file not found") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -202,14 +205,16 @@ class AudioItem:
         return (self.stop - self.start) / self.sample_rate
 
 
-def audio_item(path: Path, where: str, start: float | None = None, stop: float | None = None) -> AudioItem:
-    """Check that `path` is readable audio (header only) and that the segment lies inside it."""
+def audio_item(path: str | Path, where: str, start: float | None = None, stop: float | None = None) -> AudioItem:
+    """Check that `path` is readable audio (header only) and that the segment [start, stop) seconds lies inside it."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{where}: audio file not found: {path}")
     try:
         info = soundfile.info(str(path))
-    except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise UserError(f"{where}: {path} is not a readable audio file ({error})") from None
+    except (soundfile.SoundFileError, RuntimeError) as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"{where}: {path} is not a readable audio file ({message})") from None
     first = 0 if start is None else round(start * info.samplerate)
     last = info.frames if stop is None else round(stop * info.samplerate)
     if not 0 <= first < last <= info.frames:
@@ -228,9 +233,10 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     """Rows of a manifest CSV (`path` or `wav`; optional `ID`, `spk`/`spk_id`, `start`, `stop`), audio checked."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            records = list(csv.DictReader(handle))
-            columns = set(csv.DictReader(open(path, newline="", encoding="utf-8")).fieldnames or ())
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            records = list(reader)
+            columns = set(reader.fieldnames or ())
     except FileNotFoundError:
         raise UserError(f"{path}: manifest not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as error:
@@ -255,79 +261,47 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     return rows
 
 
-def _resolve_trials(trials: list[Trial], layout: str, eval_cfg: EvalConfig) -> tuple[list[AudioItem], np.ndarray]:
-    """Each distinct utterance named by the trials once, and the (enroll, test) index of every trial into them."""
-    trials_path = Path(eval_cfg.trials)
-    root = Path(eval_cfg.audio_root) if eval_cfg.audio_root else trials_path.parent
-    by_id = {}
-    if layout == "kaldi" and eval_cfg.manifest:
-        by_id = {row.id: row.item for row in read_manifest(eval_cfg.manifest)}
-    hint = " (Kaldi-style IDs: pass a manifest CSV with ID,path columns)" if layout == "kaldi" and not by_id else ""
-    index: dict[str, int] = {}
-    items: list[AudioItem] = []
-    for trial in trials:
-        for key in (trial.enroll, trial.test):
-            if key in index:
-                continue
-            where = f"{trials_path} line {trial.line}"
-            if by_id:
-                if key not in by_id:
-                    raise UserError(f"{where}: utterance '{key}' is not in manifest {eval_cfg.manifest}")
-                item = by_id[key]
-            else:
-                path = root / key
-                if not path.is_file():
-                    raise UserError(f"{where}: audio file not found: {path}{hint}")
-                item = audio_item(path, where)
-            index[key] = len(items)
-            items.append(item)
-    pairs = np.array([(index[t.enroll], index[t.test]) for t in trials], dtype=np.int64)
-    return items, pairs
-
-
 def _decode(item: AudioItem, sample_rate: int) -> torch.Tensor:
     """Mono float32 waveform of the item at `sample_rate`."""
-    try:
-        wave, _ = soundfile.read(str(item.path), start=item.start, stop=item.stop, dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as error:
-        raise UserError(f"{item.path}: cannot decode audio ({error})") from None
-    wave = torch.from_numpy(wave).mean(dim=1)
-    if item.sample_rate != sample_rate:
-        wave = AF.resample(wave, item.sample_rate, sample_rate)
-    return wave
+    wave, rate = read_mono(item.path)
+    wave = wave[item.start:item.stop]
+    return wave if rate == sample_rate else AF.resample(wave, rate, sample_rate)
 
 
 def _prefetched(function: Callable, items: Iterable, workers: int) -> Iterator:
     """`map(function, items)` computed by `workers` threads, at most 4 * workers results ahead of the consumer."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    workers = max(1, workers)
+    with ThreadPoolExecutor(workers) as pool:
         window = deque()
         for item in items:
             window.append(pool.submit(function, item))
-            if len(window) > 4 * max(1, workers):
+            if len(window) > 4 * workers:
                 yield window.popleft().result()
         while window:
             yield window.popleft().result()
 
 
-def _pieces(wave: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-    """The whole wave, or evenly spaced overlapping chunks of exactly `chunk` samples covering it."""
-    if wave.numel() <= chunk:
-        return [wave]
-    starts = torch.linspace(0, wave.numel() - chunk, math.ceil(wave.numel() / chunk)).round().long().tolist()
-    return [wave[start:start + chunk] for start in starts]
+def embed_items(
+    encoder: EcapaEncoder,
+    items: Sequence[AudioItem],
+    eval_cfg: EvalConfig | None = None,
+    max_chunk_seconds: float = MAX_CHUNK_SECONDS,
+) -> torch.Tensor:
+    """Full-utterance embeddings (len(items), embed_dim) on the CPU, equal to `encoder.embed_file` on each item.
 
-
-def embed_items(encoder, items: Sequence[AudioItem], eval_cfg: EvalConfig = EvalConfig()) -> torch.Tensor:
-    """Full-utterance embeddings (len(items), embed_dim) on the CPU.
-
-    Utterances are decoded once, shortest first; pieces of equal length (whole short files, chunks of long ones)
-    share forward batches, so no padding ever changes an embedding. A long file's embedding is its chunks' mean.
+    Utterances are decoded once, shortest first, by background threads; utterances of equal length share forward
+    batches, so no padding ever changes an embedding. Files longer than `max_chunk_seconds` are embedded in
+    near-equal chunks whose embeddings are averaged, as `embed_file` does.
     """
+    eval_cfg = eval_cfg or EvalConfig()
     sample_rate = encoder.sample_rate
+    for item in items:
+        samples = -(-(item.stop - item.start) * sample_rate // item.sample_rate)  # resampled length, rounded up
+        if encoder.front_end.num_frames(samples) < MIN_FRAMES:
+            raise UserError(f"{item.path}: too short to embed ({item.seconds:.3f} s)")
     device = next(encoder.parameters()).device
-    chunk = max(1, round(eval_cfg.chunk_seconds * sample_rate))
-    budget = max(chunk, round(eval_cfg.batch_seconds * sample_rate))
-    order = sorted(range(len(items)), key=lambda i: items[i].seconds)
+    chunk = max_chunk_seconds * sample_rate
+    budget = eval_cfg.batch_seconds * sample_rate
     pending: dict[int, list[tuple[int, torch.Tensor]]] = {}
     owners: list[int] = []
     outputs: list[torch.Tensor] = []
@@ -338,66 +312,102 @@ def embed_items(encoder, items: Sequence[AudioItem], eval_cfg: EvalConfig = Eval
             outputs.append(encoder(torch.stack([piece for _, piece in group]).to(device)).float().cpu())
         owners.extend(owner for owner, _ in group)
 
-    waves = _prefetched(lambda i: (i, _decode(items[i], sample_rate)), order, eval_cfg.decode_workers)
-    for owner, wave in waves:
-        # Shortest first: no later whole file is shorter than this one, so shorter groups are complete.
-        for length in [length for length in pending if length < min(wave.numel(), chunk)]:
-            run(length)
-        for piece in _pieces(wave, chunk):
+    order = sorted(range(len(items)), key=lambda i: items[i].seconds)
+    for owner, wave in _prefetched(lambda i: (i, _decode(items[i], sample_rate)), order, eval_cfg.decode_workers):
+        pieces = wave.tensor_split(max(1, math.ceil(wave.numel() / chunk)))
+        lengths = {piece.numel() for piece in pieces}
+        for length in [length for length in pending if length not in lengths]:
+            run(length)  # shortest first: utterances of one length arrive together, so that group is complete
+        for piece in pieces:
             group = pending.setdefault(piece.numel(), [])
             group.append((owner, piece))
             if piece.numel() * len(group) >= budget:
                 run(piece.numel())
     for length in list(pending):
         run(length)
-    embeddings = torch.cat(outputs)
-    owners_index = torch.tensor(owners)
-    sums = torch.zeros(len(items), embeddings.shape[1]).index_add_(0, owners_index, embeddings)
-    counts = torch.zeros(len(items)).index_add_(0, owners_index, torch.ones(len(owners)))
-    return sums / counts[:, None]
+    return _group_means(torch.cat(outputs), torch.tensor(owners), len(items))
 
 
-def cosine_scores(embeddings: torch.Tensor, pairs: np.ndarray) -> torch.Tensor:
+def _group_means(rows: torch.Tensor, owners: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups, dim): the mean of the rows each group owns."""
+    sums = torch.zeros(groups, rows.shape[1]).index_add_(0, owners, rows)
+    return sums / torch.bincount(owners, minlength=groups).float()[:, None]
+
+
+def cosine_scores(embeddings: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of each (enroll, test) row pair."""
     unit = F.normalize(embeddings.float(), dim=1)
-    pairs = torch.from_numpy(pairs)
     return (unit[pairs[:, 0]] * unit[pairs[:, 1]]).sum(dim=1)
 
 
 # ---- evaluation entry points
 
 
-def _trial_scores(encoder, eval_cfg: EvalConfig, cohort: list[ManifestRow] | None = None):
-    trials, layout = read_trials(eval_cfg.trials)
-    items, pairs = _resolve_trials(trials, layout, eval_cfg)
-    cohort_items = [row.item for row in cohort or ()]
-    embeddings = embed_items(encoder, items + cohort_items, eval_cfg)
-    labels = np.array([trial.label for trial in trials])
-    return trials, labels, pairs, embeddings[: len(items)], embeddings[len(items):]
+@dataclass(frozen=True)
+class TrialList:
+    """A parsed and checked trials file: its trials, each distinct utterance once, and index pairs into them."""
+
+    trials: list[Trial]
+    items: list[AudioItem]
+    pairs: torch.Tensor  # (trials, 2): enroll and test index into `items`
+    labels: np.ndarray  # 1 target, 0 non-target
 
 
-def validate(encoder, eval_cfg: EvalConfig, scores_out: Path | None = None) -> dict:
-    """Score `eval_cfg.trials` with `encoder` (in-training validation): `{"eer", "min_dcf", "threshold", "trials"}`.
+def load_trials(eval_cfg: EvalConfig) -> TrialList:
+    """Read `eval_cfg.trials` and check every audio file it names (headers only).
+
+    Trial entries are paths relative to `eval_cfg.audio_root` (default: the trials file's folder), or IDs looked
+    up in `eval_cfg.manifest` when one is given.
+    """
+    trials_path = Path(eval_cfg.trials)
+    trials, layout = read_trials(trials_path)
+    root = Path(eval_cfg.audio_root) if eval_cfg.audio_root else trials_path.parent
+    by_id = {row.id: row.item for row in read_manifest(eval_cfg.manifest)} if eval_cfg.manifest else None
+    hint = " (Kaldi-style IDs: pass a manifest CSV with ID,path columns)" if layout == "kaldi" and not by_id else ""
+    index: dict[str, int] = {}
+    items: list[AudioItem] = []
+    for trial in trials:
+        for key in (trial.enroll, trial.test):
+            if key in index:
+                continue
+            where = f"{trials_path} line {trial.line}"
+            if by_id is not None:
+                if key not in by_id:
+                    raise UserError(f"{where}: utterance '{key}' is not in manifest {eval_cfg.manifest}")
+                item = by_id[key]
+            else:
+                try:
+                    item = audio_item(root / key, where)
+                except UserError as error:
+                    raise UserError(f"{error}{hint}") from None
+            index[key] = len(items)
+            items.append(item)
+    pairs = torch.tensor([(index[t.enroll], index[t.test]) for t in trials])
+    return TrialList(trials, items, pairs, np.array([trial.label for trial in trials]))
+
+
+def validate(encoder: EcapaEncoder, eval_cfg: EvalConfig, scores_out: Path | None = None) -> dict:
+    """Score `eval_cfg.trials` with `encoder` (in-training validation): `{"eer", "min_dcf", "trials", "threshold"}`.
 
     Writes "score label" lines to `scores_out` when given.
     """
-    _, labels, pairs, embeddings, _ = _trial_scores(encoder, eval_cfg)
-    scores = cosine_scores(embeddings, pairs).numpy()
+    trial_list = load_trials(eval_cfg)
+    scores = cosine_scores(embed_items(encoder, trial_list.items, eval_cfg), trial_list.pairs).numpy()
+    labels = trial_list.labels
     if scores_out is not None:
         Path(scores_out).write_text("".join(f"{s:.6f} {l}\n" for s, l in zip(scores, labels)), encoding="utf-8")
     return score_report(scores, labels)
 
 
-def _cohort_embeddings(rows: list[ManifestRow], embeddings: torch.Tensor, source: Path) -> torch.Tensor:
-    """One cohort member per speaker (its files' mean embedding) when the manifest names speakers, else per file."""
-    if rows[0].speaker is not None:
-        speakers = {speaker: i for i, speaker in enumerate(dict.fromkeys(row.speaker for row in rows))}
-        owner = torch.tensor([speakers[row.speaker] for row in rows])
-        sums = torch.zeros(len(speakers), embeddings.shape[1]).index_add_(0, owner, embeddings)
-        embeddings = sums / torch.bincount(owner).float()[:, None]
-    if embeddings.shape[0] < 2:
-        raise UserError(f"{source}: AS-norm needs at least 2 cohort members, got {embeddings.shape[0]}")
-    return embeddings
+def _cohort_owners(rows: list[ManifestRow], source: str | Path) -> torch.Tensor:
+    """The cohort member of each manifest row: one per speaker when the manifest names speakers, else per file."""
+    if not rows:
+        raise UserError(f"{source}: the cohort manifest lists no audio")
+    keys = [row.speaker if row.speaker is not None else number for number, row in enumerate(rows)]
+    members = {key: member for member, key in enumerate(dict.fromkeys(keys))}
+    if len(members) < 2:
+        raise UserError(f"{source}: AS-norm needs at least 2 cohort speakers or files, got {len(members)}")
+    return torch.tensor([members[key] for key in keys])
 
 
 def evaluate_trials(
@@ -407,7 +417,7 @@ def evaluate_trials(
     cohort: str | Path | None = None,
     scores_out: str | Path | None = None,
     manifest: str | Path | None = None,
-    top_k: int = EvalConfig.asnorm_top_k,
+    top_k: int = 300,
     device: str | torch.device | None = None,
 ) -> dict:
     """`ecapa-accel eval`: cosine-score a trials list with an export folder (or run directory).
@@ -416,36 +426,31 @@ def evaluate_trials(
     `"asnorm": {"eer", "min_dcf", "threshold", "top_k", "cohort_size"}` for the AS-normalised ones. `scores_out`
     gets one line per trial: `enroll test cosine [asnorm] label`.
     """
-    from .encoder import EcapaEncoder
-
-    eval_cfg = EvalConfig(trials=str(trials), audio_root=str(audio_root) if audio_root else None,
-                          manifest=str(manifest) if manifest else None, asnorm_top_k=top_k)
     if top_k < 1:
         raise UserError(f"AS-norm top_k must be at least 1, got {top_k}")
-    read_trials(trials)  # a bad trials file is reported before the cohort is read
-    cohort_rows = read_manifest(cohort) if cohort is not None else None
-    if cohort_rows == []:
-        raise UserError(f"{cohort}: the cohort manifest lists no audio")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = EcapaEncoder.from_pretrained(model_dir).to(device).eval()
-    trial_list, labels, pairs, embeddings, cohort_raw = _trial_scores(encoder, eval_cfg, cohort_rows)
-    scores = cosine_scores(embeddings, pairs)
-    report = score_report(scores, labels)
+    eval_cfg = EvalConfig(trials=str(trials), audio_root=str(audio_root) if audio_root else None,
+                          manifest=str(manifest) if manifest else None)
+    trial_list = load_trials(eval_cfg)
+    cohort_rows = read_manifest(cohort) if cohort is not None else []
+    cohort_owners = _cohort_owners(cohort_rows, cohort) if cohort is not None else None
+    embeddings = embed_items(encoder, trial_list.items + [row.item for row in cohort_rows], eval_cfg)
+    trial_embeddings = embeddings[: len(trial_list.items)]
+    pairs = trial_list.pairs
+    scores = cosine_scores(trial_embeddings, pairs)
+    report = score_report(scores, trial_list.labels)
     columns = [scores]
-    if cohort_rows is not None:
-        members = _cohort_embeddings(cohort_rows, cohort_raw, Path(cohort))
-        stats = cohort_top_k_stats(embeddings, members, top_k)
-        enroll_stats = tuple(s[pairs[:, 0]] for s in stats)
-        test_stats = tuple(s[pairs[:, 1]] for s in stats)
-        normalised = as_norm(scores, enroll_stats, test_stats)
+    if cohort is not None:
+        members = _group_means(embeddings[len(trial_list.items):], cohort_owners, int(cohort_owners.max()) + 1)
+        mean, std = cohort_top_k_stats(trial_embeddings, members, top_k)
+        normalised = as_norm(scores, (mean[pairs[:, 0]], std[pairs[:, 0]]), (mean[pairs[:, 1]], std[pairs[:, 1]]))
         columns.append(normalised)
-        normalised_report = score_report(normalised, labels)
-        report["asnorm"] = {"eer": normalised_report["eer"], "min_dcf": normalised_report["min_dcf"],
-                            "threshold": normalised_report["threshold"], "top_k": min(top_k, members.shape[0]),
+        report["asnorm"] = {**score_report(normalised, trial_list.labels), "top_k": min(top_k, members.shape[0]),
                             "cohort_size": members.shape[0]}
     if scores_out is not None:
         lines = []
-        for i, trial in enumerate(trial_list):
+        for i, trial in enumerate(trial_list.trials):
             values = " ".join(f"{float(column[i]):.6f}" for column in columns)
             lines.append(f"{trial.enroll} {trial.test} {values} {trial.label}\n")
         Path(scores_out).write_text("".join(lines), encoding="utf-8")

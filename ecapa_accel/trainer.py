@@ -136,8 +136,13 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
     """On resume, drop records that the killed run logged after the checkpoint it resumes from."""
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
         path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

@@ -217,3 +217,25 @@ def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
     assert (tmp_path / "exported" / "model.safetensors").is_file()
     assert_user_error(cli("export", str(run), str(tmp_path / "nope"), "--step", "99"), "step_99")
     assert not (tmp_path / "nope").exists()
+
+
+def test_validation_during_training_is_logged_and_plotted(tmp_path, tone_corpus):
+    config = tiny_config(tmp_path, tone_corpus, max_steps=4)
+    held_out = tone_corpus("held", speakers=2, utterances=2, seconds=1.0, seed=5).parent
+    trials = held_out / "trials.txt"
+    trials.write_text("1 spk0/utt0.wav spk0/utt1.wav\n0 spk0/utt0.wav spk1/utt0.wav\n"
+                      "1 spk1/utt0.wav spk1/utt1.wav\n0 spk1/utt1.wav spk0/utt1.wav\n")
+    run = tmp_path / "validated"
+    result = cli("train", str(config), "--run-dir", str(run), f"eval.trials={trials}", "eval.every_steps=2",
+                 "eval.keep_best=true")
+    assert result.returncode == 0, result.stderr
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    for record in evals:
+        assert 0 <= record["eer"] <= 100 and len((run / record["scores"]).read_text().splitlines()) == 4
+    assert (run / "export" / "model.safetensors").is_file()
+
+    result = cli("plot", str(run))
+    assert result.returncode == 0, result.stderr
+    assert {"loss_accuracy.png", "validation_eer.png", "det.png"} <= {p.name for p in (run / "plots").iterdir()}
