@@ -1,0 +1,84 @@
+"""Several manifests as one stream: the label map, the length of an epoch and each epoch's sample order.
+
+What an epoch is: `samples_per_epoch` draws from the weighted mixture, the same number every epoch, with
+
+    first_exhausted:  samples_per_epoch = min_i(rows_i / p_i)   (the dataset used up first is read about once;
+                                                                  the others are under-sampled)
+    all_exhausted:    samples_per_epoch = max_i(rows_i / p_i)   (the dataset used up last is read about once;
+                                                                  the others are over-sampled)
+
+where p_i are the normalised weights. Each draw picks a dataset with probability p_i
+(`datasets.interleave_datasets`); within a dataset the rows come in a shuffled order and a dataset that runs out
+continues with a fresh shuffle, so no row repeats before all rows of its dataset have been used.
+
+Everything here is a pure function of (train.seed, epoch): the basis of exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import numpy as np
+
+# Purposes of random streams, so that no two of them share a seed.
+ORDER, MIX, SAMPLE, SUBSTITUTE = range(4)
+
+
+def random_stream(seed: int, *keys: int) -> np.random.Generator:
+    """A numpy generator that depends on (seed, *keys) only."""
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**64, *keys]))
+
+
+def normalised(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [weight / total for weight in weights]
+
+
+def speed_class(speaker: str, factor: float) -> str:
+    """Class name of a speaker heard at a speed factor (3D-Speaker/WeSpeaker: speaker x speed is a new class)."""
+    return speaker if factor == 1.0 else f"{speaker}@speed{factor:g}"
+
+
+def build_label_map(speakers: list[str], speed_factors: list[float], speed_as_classes: bool) -> dict[str, int]:
+    """Namespaced speaker (plus speed variants when they are classes) -> class index, in sorted order."""
+    factors = speed_factors if speed_as_classes else [1.0]
+    names = sorted({speed_class(speaker, factor) for speaker in speakers for factor in factors})
+    return {name: index for index, name in enumerate(names)}
+
+
+def epoch_length(sizes: list[int], weights: list[float], stopping_strategy: str) -> int:
+    """Samples in one epoch of the mixture (see the module docstring)."""
+    ratios = [size / p for size, p in zip(sizes, normalised(weights))]
+    if stopping_strategy == "first_exhausted":
+        return max(1, math.floor(min(ratios) + 1e-6))
+    return max(1, math.ceil(max(ratios) - 1e-6))
+
+
+def _shuffled_rows(size: int, count: int, offset: int, seed: int, epoch: int, dataset: int) -> np.ndarray:
+    """`count` row numbers: shuffled passes over the dataset, each pass a new shuffle."""
+    passes = [offset + random_stream(seed, ORDER, epoch, dataset, n).permutation(size)
+              for n in range(math.ceil(count / size))]
+    return np.concatenate(passes)[:count]
+
+
+def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int) -> datasets.Dataset:
+    """The epoch's order: a dataset whose column `row` holds, per position, a row number into the
+    concatenation of all manifests (dataset d's rows start at sum(sizes[:d])). At least `length` long."""
+    probabilities = normalised(weights)
+    offsets = np.cumsum([0, *sizes[:-1]])
+    mix_seed = int(random_stream(seed, MIX, epoch).integers(2**63))
+    # Expected draws + 6 sigma per dataset, more if one runs out: the result never depends on these counts.
+    counts = [math.ceil(length * p + 6 * math.sqrt(length * p * (1 - p))) + 1 for p in probabilities]
+    while True:
+        sources = [
+            datasets.Dataset.from_dict({"row": _shuffled_rows(size, count, offset, seed, epoch, d)})
+            for d, (size, count, offset) in enumerate(zip(sizes, counts, offsets))
+        ]
+        # With the counts above, the first source runs out just past `length` draws.
+        mixed = datasets.interleave_datasets(
+            sources, probabilities=probabilities, seed=mix_seed, stopping_strategy="first_exhausted"
+        )
+        if len(mixed) >= length:
+            return mixed
+        counts = [2 * count for count in counts]

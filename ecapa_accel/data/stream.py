@@ -1,0 +1,283 @@
+"""The training stream: global sample positions -> model-ready crops, sharded over processes and workers.
+
+A sample is a pure function of (train.seed, epoch, position): the epoch's order (`mixing.mix_epoch`) names the
+row, and the sample's own random stream picks the speed, the crop offset and the augmentation. Sharding is
+arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a run resumed with another
+process count continues at the next unseen position.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import Config
+from ..errors import UserError
+from .audio import UnreadableAudio, read_crop
+from .augment import Augmenter
+from .manifest import Manifest, Problems, read_manifest
+from .mixing import SAMPLE, SUBSTITUTE, build_label_map, epoch_length, mix_epoch, random_stream, speed_class
+
+logger = logging.getLogger(__name__)
+
+MAX_SUBSTITUTES = 20  # unreadable files in a row before a sample gives up
+
+
+@dataclass
+class _Source:
+    manifest: Manifest
+    classes: np.ndarray  # class index per (speaker, speed factor); one column when speeds are not classes
+    first_row: int  # where this manifest starts in the concatenation of all rows
+
+
+class TrainingData:
+    """Validated manifests mixed into one deterministic stream (build it with `build_training_data`).
+
+    One epoch is `samples_per_epoch` draws from the weighted mixture; see `ecapa_accel.data.mixing`.
+    """
+
+    def __init__(self, cfg: Config, manifests: list[Manifest], label_map: dict[str, int], augmenter: Augmenter):
+        data = cfg.data
+        self.label_map = label_map
+        self.num_classes = len(label_map)
+        self.dataset_names = [dataset.name for dataset in data.datasets]
+        self.seed = cfg.train.seed
+        self.sample_rate = data.sample_rate
+        self.crop_samples = round(data.crop_seconds * data.sample_rate)
+        self.speed_factors = data.speed_factors
+        self.speed_as_classes = data.speed_as_classes
+        self.augmenter = augmenter
+        factors = self.speed_factors if self.speed_as_classes else [1.0]
+        self.speaker_of_class = [""] * self.num_classes  # namespaced speaker of each class (speed aside)
+        self._sources = []
+        first_row = 0
+        for dataset, manifest in zip(data.datasets, manifests):
+            namespace = dataset.namespace or dataset.name
+            classes = np.empty((len(manifest.speakers), len(factors)), dtype=np.int64)
+            for s, speaker in enumerate(manifest.speakers):
+                for k, factor in enumerate(factors):
+                    classes[s, k] = label_map[speed_class(f"{namespace}/{speaker}", factor)]
+                    self.speaker_of_class[classes[s, k]] = f"{namespace}/{speaker}"
+            self._sources.append(_Source(manifest, classes, first_row))
+            first_row += len(manifest)
+        self._sizes = [len(manifest) for manifest in manifests]
+        self._first_rows = np.array([source.first_row for source in self._sources])
+        self._weights = [dataset.weight for dataset in data.datasets]
+        self.samples_per_epoch = epoch_length(self._sizes, self._weights, data.stopping_strategy)
+        self._order: tuple[int, datasets.Dataset] | None = None
+
+    def order(self, epoch: int) -> datasets.Dataset:
+        """The epoch's sample order (column `row`: row in the concatenated manifests); the last one is kept."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, mix_epoch(self._sizes, self._weights, self.samples_per_epoch, self.seed, epoch))
+        return self._order[1]
+
+    def locate(self, epoch: int, positions: Sequence[int]) -> list[tuple[int, int]]:
+        """(dataset index, row in its manifest) drawn at each global position of an epoch."""
+        first, last = min(positions), max(positions)
+        rows = self.order(epoch)[first : last + 1]["row"]  # one query: positions of a batch are contiguous
+        located = []
+        for position in positions:
+            row = rows[position - first]
+            dataset = int(np.searchsorted(self._first_rows, row, side="right")) - 1
+            located.append((dataset, row - self._sources[dataset].first_row))
+        return located
+
+    def datasets_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
+        return [self.dataset_names[dataset] for dataset, _ in self.locate(epoch, positions)]
+
+    def sample(self, epoch: int, position: int, dataset: int, row: int) -> tuple[torch.Tensor, int, bool]:
+        """(crop, class, whether an unreadable file was replaced) for a global position of an epoch, given
+        the (dataset, row) that `locate` names for it."""
+        source = self._sources[dataset]
+        rng = random_stream(self.seed, SAMPLE, epoch, position)
+        speed_choice = int(rng.integers(len(self.speed_factors)))
+        crop_fraction = float(rng.random())
+        augment = self.augmenter.draw(rng)
+        if self.speed_as_classes:
+            factor, speed_column = self.speed_factors[speed_choice], speed_choice
+        else:
+            factor, speed_column = (self.speed_factors[speed_choice] if augment.applied else 1.0), 0
+        replaced = False
+        for attempt in range(MAX_SUBSTITUTES):
+            path = source.manifest.audio_path(row)
+            start, stop = source.manifest.segment(row)
+            try:
+                wave = read_crop(path, self.sample_rate, self.crop_samples, crop_fraction, factor, start, stop)
+                break
+            except UnreadableAudio as error:
+                # Another row of the same dataset, chosen by (seed, epoch, position, attempt): still deterministic.
+                substitutes = random_stream(self.seed, SUBSTITUTE, epoch, position, attempt)
+                substitute = int(substitutes.integers(len(source.manifest)))
+                logger.warning("unreadable audio %s (%s row %d): %s; using row %d instead",
+                               path, source.manifest.csv, row + 1, error, substitute + 1)
+                row, replaced = substitute, True
+        else:
+            raise UserError(f"{source.manifest.csv}: {MAX_SUBSTITUTES} unreadable audio files in a row while "
+                            f"loading epoch {epoch} position {position}; run `ecapa-accel data check` on it")
+        label = int(source.classes[source.manifest.speaker_index[row], speed_column])
+        return self.augmenter.apply(wave, augment), label, replaced
+
+    def batches(self, epoch: int, start: int, micro_batch: int, rank: int, world: int,
+                num_workers: int) -> Iterator[dict]:
+        """This rank's micro-batches of `epoch` from global position `start` on.
+
+        The i-th covers positions start + i*world*micro_batch + rank*micro_batch + [0, micro_batch); iteration
+        stops before a chunk of world*micro_batch positions that would run past `samples_per_epoch`. Items:
+        {"waves": float32 (B, crop), "labels": int64 (B,), "index": int64 (B,), "bad": int64 (B,)}.
+        """
+        self.order(epoch)  # built here once; forked workers inherit it
+        loader = DataLoader(
+            _EpochSamples(self, epoch),
+            batch_sampler=_ShardedChunks(start, micro_batch, rank, world, self.samples_per_epoch),
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        return iter(loader)
+
+
+class _EpochSamples(Dataset):
+    """Map-style view of one epoch: index = global position."""
+
+    def __init__(self, data: TrainingData, epoch: int):
+        self.data = data
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.data.samples_per_epoch
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int, bool]:
+        return self.__getitems__([position])[0]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int, int, bool]]:
+        located = self.data.locate(self.epoch, positions)
+        with _one_thread():
+            samples = [self.data.sample(self.epoch, p, dataset, row) for p, (dataset, row) in zip(positions, located)]
+        return [(wave, label, p, replaced) for p, (wave, label, replaced) in zip(positions, samples)]
+
+
+class _ShardedChunks(Sampler):
+    """Lists of positions for one rank: chunk c (world*micro_batch positions) gives rank r its r-th slice."""
+
+    def __init__(self, start: int, micro_batch: int, rank: int, world: int, end: int):
+        self.start, self.micro_batch, self.rank, self.end = start, micro_batch, rank, end
+        self.chunk = world * micro_batch
+
+    def __len__(self) -> int:
+        return max(0, (self.end - self.start) // self.chunk)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(len(self)):
+            first = self.start + i * self.chunk + self.rank * self.micro_batch
+            yield list(range(first, first + self.micro_batch))
+
+
+def _collate(samples: list[tuple[torch.Tensor, int, int, bool]]) -> dict[str, torch.Tensor]:
+    waves, labels, positions, replaced = zip(*samples)
+    return {
+        "waves": torch.stack(waves),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "index": torch.tensor(positions, dtype=torch.int64),
+        "bad": torch.tensor(replaced, dtype=torch.int64),
+    }
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Torch's CPU kernels (resampling convolutions) round differently with other thread counts; DataLoader
+    workers run one thread, so the main process (num_workers=0) must too for bit-identical samples."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_unreadable(manifests: list[Manifest], max_bad_fraction: float) -> None:
+    unreadable = sum(len(manifest.unreadable) for manifest in manifests)
+    if not unreadable:
+        return
+    rows = sum(len(manifest) for manifest in manifests)
+    example = next(manifest for manifest in manifests if manifest.unreadable)
+    where = f"e.g. {example.csv} row {example.unreadable[0] + 1}"
+    if unreadable > max_bad_fraction * rows:
+        raise UserError(f"{unreadable} of {rows} listed audio files cannot be decoded ({where}), more than "
+                        f"data.max_bad_fraction={max_bad_fraction}; run `ecapa-accel data check` on the CSVs")
+    logger.warning("%d of %d listed audio files cannot be decoded (%s); training replaces them", unreadable, rows,
+                   where)
+
+
+def _check_same_speakers(run_map: dict[str, int], manifests_map: dict[str, int]) -> None:
+    new = sorted(manifests_map.keys() - run_map.keys())
+    gone = sorted(run_map.keys() - manifests_map.keys())
+    if new or gone:
+        change = [f"{len(new)} new (e.g. '{new[0]}')"] if new else []
+        change += [f"{len(gone)} missing (e.g. '{gone[0]}')"] if gone else []
+        raise UserError(f"speakers.json: the manifests' speakers no longer match the run's label map: "
+                        f"{', '.join(change)}")
+    if sorted(run_map.values()) != list(range(len(run_map))):
+        raise UserError("speakers.json: class indices must be 0..N-1, each once")
+
+
+def build_training_data(cfg: Config, label_map: dict[str, int] | None = None) -> TrainingData:
+    """Validate every manifest (and the noise/RIR lists) and build the training stream.
+
+    Raises `UserError` naming file and row before anything is written anywhere. With `label_map` (a resumed
+    run's speakers.json) the manifests' speakers must be exactly those of the map, whose indices are kept.
+    """
+    if not cfg.data.datasets:
+        raise UserError("config: data.datasets is empty; list at least one manifest CSV")
+    problems = Problems()
+    manifests = [read_manifest(dataset.csv, problems, tolerate_unreadable=True) for dataset in cfg.data.datasets]
+    augment = cfg.data.augment
+    noises = read_manifest(augment.noise_csv, problems, needs_speaker=False) if augment.noise_csv else None
+    rirs = read_manifest(augment.rir_csv, problems, needs_speaker=False) if augment.rir_csv else None
+    problems.raise_if_any()
+    _check_unreadable(manifests, cfg.data.max_bad_fraction)
+    speakers = [
+        f"{dataset.namespace or dataset.name}/{speaker}"
+        for dataset, manifest in zip(cfg.data.datasets, manifests)
+        for speaker in manifest.speakers
+    ]
+    ours = build_label_map(speakers, cfg.data.speed_factors, cfg.data.speed_as_classes)
+    if label_map is not None:
+        _check_same_speakers(label_map, ours)
+        ours = dict(label_map)
+    augmenter = Augmenter(augment, cfg.data.sample_rate, noises, rirs)
+    return TrainingData(cfg, manifests, ours, augmenter)
+
+
+def inspect_stream(cfg: Config, batches: int) -> dict:
+    """`ecapa-accel data inspect`: draw real batches (decode, crop, augment) and report throughput and mix."""
+    data = build_training_data(cfg)
+    micro_batch = min(cfg.train.batch_size, data.samples_per_epoch)
+    by_dataset = Counter({name: 0 for name in data.dataset_names})
+    speakers, samples, drawn, epoch = set(), 0, 0, 0
+    started = time.perf_counter()
+    while drawn < batches:
+        for batch in data.batches(epoch, 0, micro_batch, 0, 1, cfg.data.num_workers):
+            by_dataset.update(data.datasets_at(epoch, batch["index"].tolist()))
+            speakers.update(data.speaker_of_class[int(label)] for label in batch["labels"])
+            samples += len(batch["labels"])
+            drawn += 1
+            if drawn == batches:
+                break
+        epoch += 1
+    elapsed = time.perf_counter() - started
+    return {
+        "batches": drawn,
+        "samples": samples,
+        "samples_per_s": round(samples / elapsed, 1) if elapsed > 0 else 0.0,
+        "speakers": len(speakers),
+        "by_dataset": dict(by_dataset),
+    }
