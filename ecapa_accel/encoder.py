@@ -1,0 +1,173 @@
+"""Waveform -> speaker embedding: the front end and ECAPA-TDNN together, stored as an export folder.
+
+An export folder holds `model.safetensors` (the ECAPA-TDNN weights) and `config.json`:
+`{"format": "ecapa-accel", "model": {variant, channels, embed_dim}, "features": <FeaturesConfig>,
+"sample_rate": 16000}`, so a model always embeds with the front end it was trained (or converted) with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import soundfile
+import torch
+import torchaudio.functional
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import FeaturesConfig, config_from_dict
+from .errors import UserError
+from .features import FeatureExtractor
+from .model import MIN_FRAMES, EcapaTdnn, build_model
+
+EXPORT_FORMAT = "ecapa-accel"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MAX_CHUNK_SECONDS = 300.0  # longer files are embedded in near-equal chunks whose embeddings are averaged
+
+
+class EcapaEncoder(nn.Module):
+    """Front end + ECAPA-TDNN: (batch, samples) float waveforms -> (batch, embed_dim) embeddings.
+
+    The constructor keeps the model's train/eval mode (the training loop wraps its live model);
+    call `.eval()` before embedding. `from_pretrained` returns an encoder in eval mode.
+    """
+
+    def __init__(self, model: EcapaTdnn, features: FeaturesConfig, sample_rate: int = 16000):
+        super().__init__()
+        if features.n_mels != model.n_mels:
+            raise ValueError(f"features.n_mels={features.n_mels} but the model takes {model.n_mels} mels")
+        self.model = model
+        self.front_end = FeatureExtractor(features, sample_rate)
+        self.features = features
+        self.sample_rate = sample_rate
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        return self.model(self.front_end(waves))
+
+    @torch.inference_mode()
+    def embed_file(self, path: str | Path, max_chunk_seconds: float = MAX_CHUNK_SECONDS) -> torch.Tensor:
+        """Embed a whole audio file (mixed to mono, resampled if needed) -> (embed_dim,) on the CPU."""
+        wave, rate = read_mono(path)
+        if rate != self.sample_rate:
+            wave = torchaudio.functional.resample(wave, rate, self.sample_rate)
+        device = next(self.model.parameters()).device
+        chunk_count = max(1, math.ceil(len(wave) / (max_chunk_seconds * self.sample_rate)))
+        embeddings = []
+        for chunk in wave.tensor_split(chunk_count):
+            if self.front_end.num_frames(len(chunk)) < MIN_FRAMES:
+                raise UserError(f"{path}: too short to embed ({len(wave) / self.sample_rate:.3f} s)")
+            embeddings.append(self(chunk.to(device).unsqueeze(0))[0])
+        return torch.stack(embeddings).mean(dim=0).cpu()
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write the export folder (model.safetensors + config.json); returns its path."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights = {key: value.detach().cpu().contiguous() for key, value in self.model.state_dict().items()}
+        save_file(weights, str(out_dir / WEIGHTS_FILE))
+        config = {
+            "format": EXPORT_FORMAT,
+            "model": {"variant": self.model.variant, "channels": self.model.channels, "embed_dim": self.model.embed_dim},
+            "features": dataclasses.asdict(self.features),
+            "sample_rate": self.sample_rate,
+        }
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        return out_dir
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> EcapaEncoder:
+        """Load an export folder, or a run directory's `export/`; mistakes raise `UserError` naming the path."""
+        folder = export_folder(Path(model_dir))
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        values = _read_export_config(config_path)
+        cfg = config_from_dict({"model": values["model"], "features": values["features"]}, str(config_path))
+        sample_rate = values["sample_rate"]
+        if not isinstance(sample_rate, int) or isinstance(sample_rate, bool) or sample_rate <= 0:
+            raise UserError(f"{config_path}: 'sample_rate' must be a positive integer, got {sample_rate!r}")
+        model = build_model(cfg.model, cfg.features.n_mels)
+        model.load_state_dict(_read_weights(weights_path, model))
+        return cls(model, cfg.features, sample_rate).eval()
+
+
+def export_folder(model_dir: Path) -> Path:
+    """`model_dir` itself when it is an export folder, else the run directory's `export/`."""
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: model folder not found")
+    if (model_dir / CONFIG_FILE).exists() or (model_dir / WEIGHTS_FILE).exists():
+        return model_dir
+    if (model_dir / "export").is_dir():
+        return model_dir / "export"
+    raise UserError(f"{model_dir}: neither an export folder ({WEIGHTS_FILE} + {CONFIG_FILE}) nor a run directory "
+                    "with export/")
+
+
+def _read_export_config(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing (an export folder holds {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"{path}: not readable JSON ({error})") from None
+    if not isinstance(values, dict) or values.get("format") != EXPORT_FORMAT:
+        raise UserError(f'{path}: not an ecapa-accel export config (needs "format": "{EXPORT_FORMAT}")')
+    for key in ("model", "features", "sample_rate"):
+        if key not in values:
+            raise UserError(f"{path}: missing key '{key}'")
+    unknown = sorted(set(values) - {"format", "model", "features", "sample_rate"})
+    if unknown:
+        raise UserError(f"{path}: unknown key '{unknown[0]}'")
+    return values
+
+
+def _read_weights(path: Path, model: EcapaTdnn) -> dict[str, torch.Tensor]:
+    """The weights file's tensors, checked against the network its config describes."""
+    if not path.is_file():
+        raise UserError(f"{path}: missing (an export folder holds {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        weights = load_file(str(path))
+    except (OSError, SafetensorError) as error:
+        raise UserError(f"{path}: not a readable safetensors file ({error})") from None
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in weights:
+            raise UserError(f"{path}: missing tensor '{key}'")
+        if weights[key].shape != value.shape:
+            raise UserError(f"{path}: tensor '{key}' has shape {tuple(weights[key].shape)}, the config needs "
+                            f"{tuple(value.shape)}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise UserError(f"{path}: unexpected tensor '{unexpected[0]}'")
+    return weights
+
+
+def read_mono(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Decode an audio file with soundfile -> (float32 mono waveform, sample rate); channels are averaged."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: audio file not found")
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, RuntimeError) as error:
+        message = " ".join(str(error).split())
+        raise UserError(f"{path}: cannot decode audio ({message})") from None
+    return torch.from_numpy(data.mean(axis=1)), rate
+
+
+def embed_files(model_dir: Path, paths: list[Path], out: Path | None = None) -> list[str]:
+    """`ecapa-accel embed`: JSON lines `{"path", "embedding"}`, or a safetensors file keyed by path with `out`."""
+    if out is not None and Path(out).suffix != ".safetensors":
+        raise UserError(f"{out}: --out must name a .safetensors file")
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: audio file not found")
+    encoder = EcapaEncoder.from_pretrained(model_dir)
+    embeddings = {str(path): encoder.embed_file(path) for path in paths}
+    if out is None:
+        return [json.dumps({"path": path, "embedding": value.tolist()}) for path, value in embeddings.items()]
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file({path: value.contiguous() for path, value in embeddings.items()}, str(out))
+    return [f"wrote {len(embeddings)} embeddings of dimension {encoder.model.embed_dim} to {out}"]
