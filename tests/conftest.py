@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+
+# Keep the `datasets` cache (manifests, header caches) of a test session out of the user's home.
+os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="ecapa-accel-tests-hf-"))
 
 
 def write_tone_corpus(

@@ -100,11 +100,14 @@ def test_aliases_segments_rates_and_channels(tmp_path, capsys):
 
 def test_segment_past_the_end_of_the_file_is_a_problem(tone_corpus, capsys):
     manifest = tone_corpus("seg", speakers=1, utterances=1, seconds=1.0)
-    manifest.write_text("path,spk,start,stop\nspk0/utt0.wav,s,0.5,9.0\nspk0/utt0.wav,s,0.6,0.2\n")
+    manifest.write_text("path,spk,start,stop\nspk0/utt0.wav,s,0.5,9.0\nspk0/utt0.wav,s,0.6,0.2\n"
+                        "spk0/utt0.wav,s,7.5,\nspk0/utt0.wav,s,0.5,\n")
     assert run("data", "check", str(manifest)) == 2
     err = capsys.readouterr().err
     assert "row 1: stop 9 s is past the end of spk0/utt0.wav" in err
     assert "row 2: stop 0.2 s is not after start 0.6 s" in err
+    assert "row 3: start 7.5 s is past the end of spk0/utt0.wav" in err
+    assert "row 4" not in err and err.count("\n") == 3
 
 
 def test_rewritten_csv_with_the_same_mtime_is_not_served_stale(tone_corpus, capsys):

@@ -7,6 +7,7 @@ A manifest has a header row and one row per utterance. Required columns: `path` 
 
 The Arrow cache of a CSV lives in a folder named after the SHA-256 of its content: `datasets` keys its own
 cache on path and modification time, so a CSV rewritten within the same second would otherwise be served stale.
+The audio headers of its files are cached beside it (`ecapa_accel.data.headers`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import logging
 import os
 import warnings
 from collections import Counter
@@ -29,7 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import UserError
-from .audio import UnreadableAudio, audio_header
+from .headers import MISSING, READABLE, UNREADABLE, cache_file, iter_text, read_headers
+
+logger = logging.getLogger(__name__)
 
 COLUMN_ALIASES = {
     "ID": ("ID",),
@@ -102,7 +106,7 @@ class Manifest:
         return self.rows.data.column(name).to_pylist() if name in self.rows.column_names else None
 
     def summary(self) -> str:
-        files = pc.count_distinct(self._paths).as_py()
+        files = len(_distinct_values(self._paths)[0])
         parts = [f"{len(self):,} rows ({files:,} files)"]
         if self.speaker_index is not None:
             parts.append(f"{len(self.speakers):,} speakers")
@@ -162,7 +166,7 @@ def _read_header(path: Path) -> tuple[list[str], str | None]:
     return header, None
 
 
-def _load_rows(path: Path, header: list[str], problems: Problems) -> datasets.Dataset | None:
+def _load_rows(path: Path, header: list[str], cache_dir: str, problems: Problems) -> datasets.Dataset | None:
     """All columns as strings (empty cells stay ''), memory-mapped from a content-keyed cache."""
     features = datasets.Features({name: datasets.Value("string") for name in header})
     try:
@@ -170,7 +174,7 @@ def _load_rows(path: Path, header: list[str], problems: Problems) -> datasets.Da
             # A row longer than the header would otherwise be dropped silently or turned into an index.
             warnings.simplefilter("error", pandas.errors.ParserWarning)
             return datasets.load_dataset(
-                "csv", data_files=str(path), split="train", cache_dir=_cache_dir(path), features=features,
+                "csv", data_files=str(path), split="train", cache_dir=cache_dir, features=features,
                 encoding="utf-8-sig", skipinitialspace=True, na_filter=False, index_col=False,
             )
     except Exception as error:  # datasets wraps pandas' parser errors; report the root cause in one line
@@ -198,11 +202,6 @@ def _canonical_columns(path: Path, header: list[str], needs_speaker: bool, probl
     return found
 
 
-def _iter_text(column: pa.ChunkedArray) -> Iterator[str]:
-    for chunk in column.chunks:  # chunk by chunk: a million Python strings at once would cost ~100 MB
-        yield from chunk.to_pylist()
-
-
 def _row_label(row: int, ids: pa.ChunkedArray | None) -> str:
     return f"row {row + 1}" + (f" (ID {ids[row].as_py()})" if ids is not None else "")
 
@@ -219,7 +218,7 @@ def _parse_seconds(column: pa.ChunkedArray) -> tuple[np.ndarray, list[int]]:
         values = pc.cast(pc.if_else(empty, pa.scalar(None, pa.string()), text), pa.float64()).to_numpy()
     except pa.ArrowInvalid:
         values = np.full(len(column), np.nan)
-        for row, value in enumerate(_iter_text(text)):
+        for row, value in enumerate(iter_text(text)):
             try:
                 values[row] = float(value) if value else np.nan
             except ValueError:
@@ -232,7 +231,7 @@ def _parse_seconds(column: pa.ChunkedArray) -> tuple[np.ndarray, list[int]]:
 def _duplicates(column: pa.ChunkedArray) -> dict[str, list[int]]:
     """Value -> rows, for values listed more than once. Compares 64-bit hashes first: a hash set of a million
     strings would cost ~70 MB."""
-    hashes = np.fromiter((hash(value) for value in _iter_text(column)), dtype=np.int64, count=len(column))
+    hashes = np.fromiter((hash(value) for value in iter_text(column)), dtype=np.int64, count=len(column))
     order = np.argsort(hashes, kind="stable")
     same = hashes[order[1:]] == hashes[order[:-1]]
     candidates = np.union1d(order[1:][same], order[:-1][same])
@@ -240,6 +239,18 @@ def _duplicates(column: pa.ChunkedArray) -> dict[str, list[int]]:
     for row in candidates.tolist():
         groups.setdefault(column[row].as_py(), []).append(row)
     return {value: rows for value, rows in groups.items() if len(rows) > 1}
+
+
+def _distinct_values(column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """The distinct values of a string column (sorted) and each row's index among them. By sorting: Arrow's
+    hash kernels take ~200 MB for a million paths, this ~50 MB."""
+    order = pc.sort_indices(column).to_numpy()
+    ordered = column.take(order).combine_chunks()
+    first = np.ones(len(ordered), dtype=bool)
+    first[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(zero_copy_only=False)
+    index = np.empty(len(ordered), dtype=np.int64)
+    index[order] = np.cumsum(first) - 1
+    return ordered.filter(pa.array(first)), index
 
 
 def _rows_where(mask: np.ndarray) -> list[int]:
@@ -268,7 +279,8 @@ def read_manifest(
     columns = _canonical_columns(path, header, needs_speaker, problems)
     if columns is None:
         return None
-    rows = _load_rows(path, header, problems)
+    cache_dir = _cache_dir(path)
+    rows = _load_rows(path, header, cache_dir, problems)
     if rows is None:
         return None
     rows = rows.select_columns(list(columns.values()))
@@ -313,42 +325,48 @@ def read_manifest(
 
     manifest = Manifest(path, rows, speakers, speaker_index, start, stop, None)
     if check_audio:
-        _check_audio(manifest, problems, where, tolerate_unreadable)
+        _check_audio(manifest, problems, where, tolerate_unreadable, cache_dir)
     elif dur is not None:
         manifest.seconds = float(np.nansum(dur))
     return manifest
 
 
 def _check_audio(manifest: Manifest, problems: Problems, where: Callable[[int], str],
-                 tolerate_unreadable: bool) -> None:
+                 tolerate_unreadable: bool, cache_dir: str) -> None:
     """Every file exists and has a readable header; segments lie inside their files; totals for the summary."""
-    header = functools.lru_cache(maxsize=4096)(audio_header)  # rows often repeat a file (segments)
-    total = 0.0
-    for row, relative in enumerate(_iter_text(manifest.rows.data.column("path"))):
-        if not relative.strip():
-            continue
-        try:
-            rate, frames, channels = header(os.path.join(manifest.csv.parent, relative))
-        except FileNotFoundError:
+    paths = manifest.rows.data.column("path")
+    distinct, file_of_row = _distinct_values(paths)  # rows often repeat a file (segments): one header per file
+    headers = read_headers(manifest.csv.parent, distinct, cache_file(cache_dir, manifest.csv.parent))
+    logger.info("%s: audio headers of %d files: %d unchanged since the last check, %d read", manifest.csv,
+                len(distinct), headers.reused, headers.read)
+    status = headers.status[file_of_row]
+    readable = status == READABLE
+    for counts, values in ((manifest.sample_rates, headers.sample_rate), (manifest.channels, headers.channels)):
+        found, times = np.unique(values[file_of_row[readable]], return_counts=True)
+        counts.update(dict(zip(found.tolist(), times.tolist())))
+    length = (headers.frames / np.maximum(headers.sample_rate, 1))[file_of_row]
+    start = 0.0 if manifest.start is None else np.nan_to_num(manifest.start, nan=0.0)
+    stop = np.nan if manifest.stop is None else manifest.stop
+    stop_given = ~np.isnan(np.broadcast_to(stop, status.shape))
+    end = np.where(stop_given, stop, start)  # the last second of the segment, which must exist
+    past_end = readable & (end > length + STOP_TOLERANCE_S)
+    inside = readable & ~past_end
+    segment = np.minimum(np.where(stop_given, stop, length), length) - start
+    manifest.seconds = float(np.sum(segment, where=inside))
+    if tolerate_unreadable:
+        manifest.unreadable = np.flatnonzero(status == UNREADABLE).tolist()
+    faulty = (status == MISSING) | past_end | ((status == UNREADABLE) & (not tolerate_unreadable))
+    for row in np.flatnonzero(faulty).tolist():
+        relative = paths[row].as_py()
+        if status[row] == MISSING:
             problems.add(f"{manifest.csv} {where(row)}: audio file not found: {relative}")
-            continue
-        except UnreadableAudio as error:
-            if tolerate_unreadable:
-                manifest.unreadable.append(row)
-            else:
-                problems.add(f"{manifest.csv} {where(row)}: cannot read audio {relative}: {error}")
-            continue
-        manifest.sample_rates[rate] += 1
-        manifest.channels[channels] += 1
-        length = frames / rate
-        start, stop = manifest.segment(row)
-        if (stop if stop is not None else start) > length + STOP_TOLERANCE_S:
-            end = "stop" if stop is not None else "start"
-            problems.add(f"{manifest.csv} {where(row)}: {end} {stop if stop is not None else start:g} s is past the "
-                         f"end of {relative} ({length:.3f} s; start/stop are seconds)")
-            continue
-        total += min(stop if stop is not None else length, length) - start
-    manifest.seconds = total
+        elif status[row] == UNREADABLE:
+            problems.add(f"{manifest.csv} {where(row)}: cannot read audio {relative}: "
+                         f"{headers.reasons[int(file_of_row[row])]}")
+        else:
+            name = "stop" if stop_given[row] else "start"
+            problems.add(f"{manifest.csv} {where(row)}: {name} {end[row]:g} s is past the end of {relative} "
+                         f"({length[row]:.3f} s; start/stop are seconds)")
 
 
 def check_manifests(paths: list[Path]) -> list[str]:

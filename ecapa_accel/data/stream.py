@@ -9,6 +9,7 @@ process count continues at the next unseen position.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -141,6 +142,7 @@ class TrainingData:
             batch_sampler=_ShardedChunks(start, micro_batch, rank, world, self.samples_per_epoch),
             num_workers=num_workers,
             collate_fn=_collate,
+            worker_init_fn=_leave_shutdown_to_the_main_process,
         )
         return iter(loader)
 
@@ -179,6 +181,13 @@ class _ShardedChunks(Sampler):
         for i in range(len(self)):
             first = self.start + i * self.chunk + self.rank * self.micro_batch
             yield list(range(first, first + self.micro_batch))
+
+
+def _leave_shutdown_to_the_main_process(worker_id: int) -> None:
+    """SLURM and Ctrl-C signal the whole process group; a worker that died of it would fail the step the main
+    process is finishing before its checkpoint. Workers exit when the main process closes the loader."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _collate(samples: list[tuple[torch.Tensor, int, int, bool]]) -> dict[str, torch.Tensor]:
