@@ -41,6 +41,11 @@ VOWEL_FORMANTS = np.array(
 FRICATIVES = np.array([[5500, 0.5], [3000, 0.6], [4500, 1.6], [1800, 0.7], [7000, 0.4]], dtype=np.float64)
 
 _VOWEL, _FRICATIVE, _CLOSURE, _PAUSE = 0, 1, 2, 3
+_PHONE_SHARES = (0.04, 0.74, 0.15)  # pause, vowel, fricative; the rest are stop closures
+_FRICATIVE_GAIN = 0.03  # frication well below the vowels, so a few fricatives do not dominate an utterance
+# Largest boost/cut of the speaker's static colouring: with the formants and f0 it makes voices differ
+# enough that even an utterance's mean spectrum separates some speakers (a fair no-training baseline).
+_TIMBRE_DB = 16.0
 _TRAIN_SETS = ("setA", "setB")
 _NOISE_CATEGORIES = ("noise", "music", "speech")
 
@@ -53,47 +58,52 @@ class Voice:
     f0_range_semitones: float
     jitter: float  # relative std of glottal period
     shimmer: float  # relative std of pulse amplitude
-    formant_scale: float  # inverse vocal-tract length
-    vowel_formants: np.ndarray  # (vowels, 5) F1-F5 in Hz, with the speaker's own accent
+    vowel_formants: np.ndarray  # (vowels, 5) F1-F5 in Hz: vocal-tract length and the speaker's own accent
     bandwidth_scale: float
     tilt_db_per_octave: float
     breathiness: float  # aspiration noise relative to the glottal pulses
     speaking_rate: float
     fricative_scale: float
+    timbre: np.ndarray  # static voice colouring (nasal and sinus cavities), gain per synthesis bin
 
 
 def make_voice(seed: int, speaker: int) -> Voice:
     """The voice of speaker number `speaker` (a pure function of seed and number)."""
     rng = np.random.default_rng([seed, 0, speaker])
     f0 = float(np.exp(rng.uniform(np.log(85.0), np.log(250.0))))
-    # Higher voices tend to have shorter tracts; the rest of the spread is individual.
-    formant_scale = float(np.clip(0.86 + 0.28 * np.log(f0 / 85.0) / np.log(250.0 / 85.0) + rng.normal(0, 0.06), 0.8, 1.3))
+    # Higher voices tend to have shorter tracts (higher formants); the rest of the spread is individual.
+    pitch_position = np.log(f0 / 85.0) / np.log(250.0 / 85.0)
+    formant_scale = float(np.clip(0.86 + 0.28 * pitch_position + rng.normal(0, 0.09), 0.78, 1.35))
     accent = np.exp(rng.normal(0.0, 0.07, size=VOWEL_FORMANTS.shape))
-    upper = np.array([rng.uniform(3300, 3900), rng.uniform(4300, 5000)])
+    upper = np.array([rng.uniform(3300, 3900), rng.uniform(4300, 5000)])  # F4, F5: the same in every vowel
     formants = np.concatenate([VOWEL_FORMANTS * accent, np.broadcast_to(upper, (len(VOWEL_FORMANTS), 2))], axis=1)
+    bumps = 3
+    centres = rng.uniform(np.log2(200.0), np.log2(6000.0), (bumps, 1))
+    gains_db = rng.uniform(-_TIMBRE_DB, _TIMBRE_DB, bumps)
+    widths = rng.uniform(0.25, 0.8, (bumps, 1))
+    octaves = np.log2(np.maximum(_FREQS, 50.0))
+    timbre_db = gains_db @ np.exp(-0.5 * ((octaves - centres) / widths) ** 2)
     return Voice(
         f0_hz=f0,
         f0_range_semitones=float(rng.uniform(0.8, 3.5)),
         jitter=float(rng.uniform(0.003, 0.025)),
         shimmer=float(rng.uniform(0.02, 0.12)),
-        formant_scale=formant_scale,
         vowel_formants=formants * formant_scale,
         bandwidth_scale=float(rng.uniform(0.7, 1.6)),
-        tilt_db_per_octave=float(rng.uniform(-14.0, -4.0)),
+        tilt_db_per_octave=float(rng.uniform(-16.0, -2.0)),
         breathiness=float(10 ** (rng.uniform(-30, -10) / 20)),
         speaking_rate=float(rng.uniform(0.75, 1.35)),
         fricative_scale=float(rng.uniform(0.85, 1.2)),
+        timbre=(10 ** (timbre_db / 20)).astype(np.float32),
     )
 
 
 def _smooth(tracks: np.ndarray, width: int) -> np.ndarray:
     """Moving average along axis 0 (frames) with edge padding; keeps the length."""
-    if width <= 1:
-        return tracks
-    kernel = np.ones(width) / width
-    padded = np.pad(tracks, [(width // 2, width - 1 - width // 2)] + [(0, 0)] * (tracks.ndim - 1), mode="edge")
-    cumulative = np.cumsum(np.pad(padded, [(1, 0)] + [(0, 0)] * (tracks.ndim - 1)), axis=0)
-    return (cumulative[width:] - cumulative[:-width]) * kernel[0]
+    rest = [(0, 0)] * (tracks.ndim - 1)
+    padded = np.pad(tracks, [(width // 2, width - 1 - width // 2)] + rest, mode="edge")
+    cumulative = np.cumsum(np.pad(padded, [(1, 0)] + rest), axis=0)
+    return (cumulative[width:] - cumulative[:-width]) / width
 
 
 def _phone_sequence(rng: np.random.Generator, voice: Voice, seconds: float) -> list[tuple[int, int, int]]:
@@ -102,11 +112,11 @@ def _phone_sequence(rng: np.random.Generator, voice: Voice, seconds: float) -> l
     phones, total = [], 0.0
     while total < seconds:
         draw = rng.random()
-        if phones and draw < 0.07:
+        if phones and draw < _PHONE_SHARES[0]:
             kind, identity, length = _PAUSE, 0, rng.uniform(0.12, 0.4)
-        elif draw < 0.62:
-            kind, identity, length = _VOWEL, int(rng.integers(len(VOWEL_FORMANTS))), rng.uniform(0.07, 0.22)
-        elif draw < 0.87:
+        elif draw < _PHONE_SHARES[0] + _PHONE_SHARES[1]:
+            kind, identity, length = _VOWEL, int(rng.integers(len(VOWEL_FORMANTS))), rng.uniform(0.05, 0.16)
+        elif draw < sum(_PHONE_SHARES):
             kind, identity, length = _FRICATIVE, int(rng.integers(len(FRICATIVES))), rng.uniform(0.05, 0.14)
         else:
             kind, identity, length = _CLOSURE, 0, rng.uniform(0.03, 0.07)
@@ -124,7 +134,9 @@ def _resonances(formants: np.ndarray, bandwidths: np.ndarray) -> np.ndarray:
     response = np.ones((len(formants), len(f[0])), dtype=np.float32)
     for centre, half in zip(formants.T.astype(np.float32), bandwidths.T.astype(np.float32) / 2):
         centre, half_squared = centre[:, None], (half * half)[:, None]
-        response *= (centre * centre + half_squared) / np.sqrt(((f - centre) ** 2 + half_squared) * ((f + centre) ** 2 + half_squared))
+        response *= (centre * centre + half_squared) / np.sqrt(
+            ((f - centre) ** 2 + half_squared) * ((f + centre) ** 2 + half_squared)
+        )
     return response
 
 
@@ -151,25 +163,30 @@ def synthesize_speech(voice: Voice, rng: np.random.Generator, seconds: float) ->
     frame_index = np.arange(n_frames)
 
     # Formant tracks: vowel targets, interpolated across consonants, smoothed for coarticulation.
-    targets = np.concatenate([np.broadcast_to(voice.vowel_formants[identity if kind == _VOWEL else 0], (n, 5)) for kind, identity, n in phones])
+    targets = np.concatenate([
+        np.broadcast_to(voice.vowel_formants[identity if kind == _VOWEL else 0], (n, 5)) for kind, identity, n in phones
+    ])
     is_vowel = kinds == _VOWEL
-    if not is_vowel.any():
+    if not is_vowel.any():  # a very short utterance without a vowel: hold the first vowel's formants
         is_vowel[:] = True
     formants = np.stack([np.interp(frame_index, frame_index[is_vowel], targets[is_vowel, k]) for k in range(5)], axis=1)
     formants = _smooth(formants * np.exp(rng.normal(0, 0.015, size=formants.shape)), 7)
     bandwidths = voice.bandwidth_scale * (50.0 + 0.06 * formants)
 
     # Loudness and source gains per frame.
-    level = np.concatenate([np.full(n, 10 ** (rng.normal(0, 3) / 20)) for _, _, n in phones])
+    level = np.concatenate([np.full(n, 10 ** (rng.normal(0, 1.5) / 20)) for _, _, n in phones])
     voicing = _smooth((kinds == _VOWEL).astype(np.float64) * level, 3)
-    frication = _smooth((kinds == _FRICATIVE).astype(np.float64) * level * 0.35, 2)
-    fricative_shape = np.concatenate([np.broadcast_to(FRICATIVES[identity if kind == _FRICATIVE else 0], (n, 2)) for kind, identity, n in phones])
+    frication = _smooth((kinds == _FRICATIVE).astype(np.float64) * level, 2)
+    fricative_shape = np.concatenate(
+        [np.broadcast_to(FRICATIVES[identity if kind == _FRICATIVE else 0], (n, 2)) for kind, identity, n in phones]
+    )
 
     # f0: speaker mean, utterance offset, declination, smooth intonation.
     seconds_axis = frame_index * _HOP / SAMPLE_RATE
     intonation = _smooth(np.cumsum(rng.normal(0, 1, n_frames)), 25)
     intonation = (intonation - intonation.mean()) / (intonation.std() + 1e-9)
-    semitones = rng.normal(0, 0.7) + voice.f0_range_semitones * intonation - 1.5 * seconds_axis / max(seconds_axis[-1], 1e-9)
+    declination = 1.5 * seconds_axis / max(seconds_axis[-1], 1e-9)
+    semitones = rng.normal(0, 0.7) + voice.f0_range_semitones * intonation - declination
     f0_frames = voice.f0_hz * 2 ** (semitones / 12)
     f0 = np.interp(np.arange(n_samples), frame_index * _HOP, f0_frames)
 
@@ -177,7 +194,8 @@ def synthesize_speech(voice: Voice, rng: np.random.Generator, seconds: float) ->
     phase = np.cumsum(f0 / SAMPLE_RATE)
     pulses = np.searchsorted(phase, np.arange(1, int(phase[-1]) + 1))
     period = SAMPLE_RATE / f0[np.minimum(pulses, n_samples - 1)]
-    pulses = np.clip(np.round(pulses + rng.normal(0, 1, len(pulses)) * voice.jitter * period), 0, n_samples - 1).astype(int)
+    pulses = np.round(pulses + rng.normal(0, 1, len(pulses)) * voice.jitter * period)
+    pulses = np.clip(pulses, 0, n_samples - 1).astype(int)
     glottal = np.zeros(n_samples)
     np.add.at(glottal, pulses, np.sqrt(period) * (1 + voice.shimmer * rng.normal(0, 1, len(pulses))))
     glottal += voice.breathiness * rng.normal(0, 1, n_samples) * np.sqrt(SAMPLE_RATE / voice.f0_hz)
@@ -192,11 +210,12 @@ def synthesize_speech(voice: Voice, rng: np.random.Generator, seconds: float) ->
     frame_of = np.clip(centres // _HOP, 0, n_frames - 1)
     octaves = np.log2(np.maximum(_FREQS, 50.0) / 100.0)
     tilt = 10 ** (voice.tilt_db_per_octave * np.maximum(octaves, 0.0) / 20)
-    vocal_tract = _resonances(formants[frame_of], bandwidths[frame_of]) * tilt
+    vocal_tract = _resonances(formants[frame_of], bandwidths[frame_of]) * (tilt * voice.timbre)
     centre = fricative_shape[frame_of, 0:1] * voice.fricative_scale
     log_freqs = np.log2(np.maximum(_FREQS, 50.0)).astype(np.float32)
-    fricative_filter = np.exp(-0.5 * ((log_freqs - np.log2(centre).astype(np.float32)) / fricative_shape[frame_of, 1:2].astype(np.float32)) ** 2)
-    spectrum = voiced_spectrum * vocal_tract + noise_spectrum * fricative_filter * 3.0
+    width = fricative_shape[frame_of, 1:2].astype(np.float32)
+    fricative_filter = np.exp(-0.5 * ((log_freqs - np.log2(centre).astype(np.float32)) / width) ** 2)
+    spectrum = voiced_spectrum * vocal_tract + noise_spectrum * fricative_filter * _FRICATIVE_GAIN
     speech = _overlap_add(np.fft.irfft(spectrum, n=_FRAME, axis=1) * window, n_samples).astype(np.float64) / 2.0
     pause = np.repeat(kinds == _PAUSE, _HOP)
     active = ~pause & (np.repeat(kinds, _HOP) != _CLOSURE)
@@ -204,48 +223,65 @@ def synthesize_speech(voice: Voice, rng: np.random.Generator, seconds: float) ->
     return speech, pause
 
 
-def apply_channel(speech: np.ndarray, rng: np.random.Generator, eq_db: float, snr_db: tuple[float, float]) -> np.ndarray:
+@dataclass(frozen=True)
+class Channel:
+    """Ranges of the per-utterance recording conditions."""
+
+    eq_db: float = 6.0  # largest boost or cut of each random EQ bump
+    slope_db_per_octave: float = 2.0  # largest random spectral slope
+    snr_db: tuple[float, float] = (15.0, 40.0)  # additive coloured noise
+    noise_slope_db_per_octave: tuple[float, float] = (-9.0, -3.0)  # pink to brown, like room noise
+    gain_db: tuple[float, float] = (-12.0, 3.0)
+    highpass_hz: tuple[float, float] = (30.0, 150.0)  # microphone/line low cut
+    band_limit_prob: float = 0.3  # chance of a telephone-like low-pass
+    zero_pause_prob: float = 0.5  # chance that a pause is digital zeros rather than channel noise
+    zero_padding_prob: float = 0.5  # chance of leading and trailing digital zeros ...
+    zero_padding_seconds: float = 0.2  # ... of up to this length each
+
+
+def apply_channel(speech: np.ndarray, rng: np.random.Generator, channel: Channel) -> np.ndarray:
     """A random microphone/line: EQ bumps, spectral slope, band limits, coloured noise at a random SNR, gain."""
     n = len(speech)
     n_fft = 1 << (n - 1).bit_length()  # a power of two keeps the FFT fast; the padding absorbs the wrap-around
     freqs = np.fft.rfftfreq(n_fft, 1.0 / SAMPLE_RATE)
     octaves = np.log2(np.maximum(freqs, 20.0))
     bumps = rng.integers(2, 5)
-    gains = rng.uniform(-eq_db, eq_db, bumps)
-    centres = np.log2(np.exp(rng.uniform(np.log(150.0), np.log(6000.0), bumps)))
+    gains = rng.uniform(-channel.eq_db, channel.eq_db, bumps)
+    centres = rng.uniform(np.log2(150.0), np.log2(6000.0), bumps)
     widths = rng.uniform(0.4, 1.5, bumps)
-    response_db = (gains[:, None] * np.exp(-0.5 * ((octaves[None] - centres[:, None]) / widths[:, None]) ** 2)).sum(0)
-    response_db += rng.uniform(-2.0, 2.0) * (octaves - np.log2(1000.0))
-    response = 10 ** (response_db / 20) / np.sqrt(1 + (rng.uniform(40, 250) / np.maximum(freqs, 1.0)) ** 4)
-    if rng.random() < 0.3:
+    response_db = gains @ np.exp(-0.5 * ((octaves[None] - centres[:, None]) / widths[:, None]) ** 2)
+    response_db += rng.uniform(-1.0, 1.0) * channel.slope_db_per_octave * (octaves - np.log2(1000.0))
+    highpass = rng.uniform(*channel.highpass_hz)
+    response = 10 ** (response_db / 20) / np.sqrt(1 + (highpass / np.maximum(freqs, 1.0)) ** 4)
+    if rng.random() < channel.band_limit_prob:
         response /= np.sqrt(1 + (freqs / rng.uniform(3400, 7000)) ** 8)
     shaped = np.fft.irfft(np.fft.rfft(speech, n_fft) * response, n_fft)[:n]
-    noise_slope = rng.uniform(-6.0, 0.0)  # dB/octave: white to brown-ish
-    noise = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n), n_fft) * 10 ** (noise_slope * (octaves - 10) / 20), n_fft)[:n]
-    speech_power = np.mean(shaped**2) + 1e-12
-    snr = rng.uniform(*snr_db)
-    noise *= np.sqrt(speech_power / (np.mean(noise**2) + 1e-12) / 10 ** (snr / 10))
-    return (shaped + noise) * 10 ** (rng.uniform(-12.0, 3.0) / 20)
+    noise_slope = rng.uniform(*channel.noise_slope_db_per_octave)
+    noise_colour = 10 ** (noise_slope * (octaves - 10) / 20)
+    noise = np.fft.irfft(np.fft.rfft(rng.normal(0, 1, n), n_fft) * noise_colour, n_fft)[:n]
+    snr = rng.uniform(*channel.snr_db)
+    noise *= np.sqrt((np.mean(shaped**2) + 1e-12) / (np.mean(noise**2) + 1e-12) / 10 ** (snr / 10))
+    return (shaped + noise) * 10 ** (rng.uniform(*channel.gain_db) / 20)
 
 
 def synthesize_utterance(
-    voice: Voice,
-    rng: np.random.Generator,
-    seconds: float,
-    eq_db: float = 12.0,
-    snr_db: tuple[float, float] = (5.0, 30.0),
+    voice: Voice, rng: np.random.Generator, seconds: float, channel: Channel = Channel()
 ) -> np.ndarray:
-    """One recorded utterance (float32 in [-1, 1)): speech, channel, and digital silence."""
-    speech, pause = synthesize_speech(voice, rng, seconds)
-    wave = apply_channel(speech, rng, eq_db, snr_db)
-    # Half of the pauses are digital zeros, as after VAD trimming or in synthesised audio.
+    """One recording of exactly `seconds` (float32 in [-1, 1)): speech, channel and digital silence."""
+    length = int(round(seconds * SAMPLE_RATE))
+    padded = rng.random() < channel.zero_padding_prob
+    lead, tail = rng.integers(0, int(channel.zero_padding_seconds * SAMPLE_RATE) + 1, 2) if padded else (0, 0)
+    speech_length = max(length - lead - tail, _FRAME)
+    speech, pause = synthesize_speech(voice, rng, speech_length / SAMPLE_RATE)
+    wave = apply_channel(speech[:speech_length], rng, channel)
+    pause = pause[:speech_length]
+    # Digital zeros, as after VAD trimming, padding or in synthesised audio.
     starts = np.flatnonzero(np.diff(np.concatenate([[0], pause.astype(np.int8)])) == 1)
     ends = np.flatnonzero(np.diff(np.concatenate([pause.astype(np.int8), [0]])) == -1) + 1
     for start, end in zip(starts, ends):
-        if rng.random() < 0.5:
+        if rng.random() < channel.zero_pause_prob:
             wave[start:end] = 0.0
-    lead, tail = (rng.integers(0, int(0.3 * SAMPLE_RATE), 2) if rng.random() < 0.5 else (0, 0))
-    wave = np.concatenate([np.zeros(lead), wave, np.zeros(tail)])
+    wave = np.concatenate([np.zeros(lead), wave, np.zeros(max(0, length - lead - len(wave)))])[:length]
     peak = np.abs(wave).max()
     if peak > 0.99:
         wave *= 0.99 / peak
@@ -272,15 +308,14 @@ def _write_speakers(
     utterances: int,
     seconds: tuple[float, float],
     seed: int,
-    eq_db: float,
-    snr_db: tuple[float, float],
+    channel: Channel,
 ) -> list[dict]:
     rows = []
     for speaker in speakers:
         voice = make_voice(seed, speaker)
         for utterance in range(utterances):
             rng = np.random.default_rng([seed, 1, speaker, utterance])
-            wave = synthesize_utterance(voice, rng, rng.uniform(*seconds), eq_db, snr_db)
+            wave = synthesize_utterance(voice, rng, rng.uniform(*seconds), channel)
             relative = f"wav/spk{speaker:03d}/utt{utterance:02d}.wav"
             _write_wav(folder / relative, wave)
             rows.append({"ID": f"{name}-spk{speaker:03d}-{utterance:02d}", "path": relative, "spk": f"spk{speaker:03d}",
@@ -315,18 +350,15 @@ def _noise_clip(category: str, rng: np.random.Generator, seconds: float, seed: i
     return (0.3 * wave / (np.abs(wave).max() + 1e-12)).astype(np.float32)
 
 
-def _write_trials(path: Path, rows: list[dict], seed: int, targets_per_speaker: int | None) -> int:
-    """Balanced VoxCeleb-style trials over `rows`; returns the number of lines."""
+def _write_trials(path: Path, rows: list[dict], seed: int) -> None:
+    """VoxCeleb-style trials over `rows`: every same-speaker pair, and as many different-speaker pairs."""
     rng = np.random.default_rng([seed, 3])
     by_speaker: dict[str, list[str]] = {}
     for row in rows:
         by_speaker.setdefault(row["spk"], []).append(row["path"])
     targets = []
     for files in by_speaker.values():
-        pairs = [(a, b) for i, a in enumerate(files) for b in files[i + 1 :]]
-        if targets_per_speaker is not None and len(pairs) > targets_per_speaker:
-            pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), targets_per_speaker, replace=False))]
-        targets += pairs
+        targets += [(a, b) for i, a in enumerate(files) for b in files[i + 1 :]]
     speaker_of = {row["path"]: row["spk"] for row in rows}
     paths = [row["path"] for row in rows]
     nontargets: set[tuple[str, str]] = set()
@@ -337,7 +369,6 @@ def _write_trials(path: Path, rows: list[dict], seed: int, targets_per_speaker: 
     lines = [f"1 {a} {b}" for a, b in targets] + [f"0 {a} {b}" for a, b in sorted(nontargets)]
     lines = [lines[i] for i in rng.permutation(len(lines))]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(lines)
 
 
 def make_corpus(
@@ -348,9 +379,9 @@ def make_corpus(
     heldout_speakers: int = 10,
     heldout_utterances: int = 8,
     seconds: tuple[float, float] = (2.0, 3.0),
+    heldout_seconds: float = 4.0,
     noise_clips: int = 12,
-    eq_db: float = 12.0,
-    snr_db: tuple[float, float] = (5.0, 30.0),
+    channel: Channel = Channel(),
 ) -> dict[str, Path]:
     """Write a synthetic corpus under `out_dir` and return its files.
 
@@ -364,17 +395,19 @@ def make_corpus(
     first_speaker = 0
     for name in _TRAIN_SETS:
         speakers = range(first_speaker, first_speaker + speakers_per_set)
-        rows = _write_speakers(out_dir / name, name, speakers, utterances_per_speaker, seconds, seed, eq_db, snr_db)
+        rows = _write_speakers(out_dir / name, name, speakers, utterances_per_speaker, seconds, seed, channel)
         paths[name] = out_dir / name / "train.csv"
         _write_manifest(paths[name], rows, ["ID", "path", "spk", "dur"])
         first_speaker += speakers_per_set
 
     speakers = range(first_speaker, first_speaker + heldout_speakers)
-    rows = _write_speakers(out_dir / "heldout", "heldout", speakers, heldout_utterances, seconds, seed, eq_db, snr_db)
+    # One length for all held-out utterances: evaluation then embeds them in a few full batches.
+    rows = _write_speakers(out_dir / "heldout", "heldout", speakers, heldout_utterances, (heldout_seconds,) * 2, seed,
+                           channel)
     paths["heldout"] = out_dir / "heldout" / "heldout.csv"
     _write_manifest(paths["heldout"], rows, ["ID", "path", "spk", "dur"])
     paths["trials"] = out_dir / "heldout" / "trials.txt"
-    _write_trials(paths["trials"], rows, seed, targets_per_speaker=None)
+    _write_trials(paths["trials"], rows, seed)
 
     noise_rows = []
     for index in range(noise_clips):
