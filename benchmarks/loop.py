@@ -87,6 +87,7 @@ def bare_loop_seconds_per_step(config_path: Path, steps: int, warmup: int) -> fl
         optimizer.zero_grad()
         loss.item()
         stamps.append(time.perf_counter())
+    assert len(stamps) == warmup + steps, "the epoch is shorter than the measured steps"
     return (stamps[-1] - stamps[warmup - 1]) / steps
 
 
@@ -165,7 +166,7 @@ def main() -> None:
     warmup = 3
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        manifest = write_corpus(root, rows=400)
+        manifest = write_corpus(root, rows=32 * (warmup + args.steps + 1))  # both loops stay inside epoch 0
         config = write_config(root, manifest)
         # Interleaved repeats, best of each: the machine is shared and its load drifts.
         bare, ours = [], []

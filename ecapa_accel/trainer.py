@@ -229,7 +229,7 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
     if resume_from is not None:
-        progress.write(f"resumed from {resume_from} (epoch {state.epoch}, sample {state.position})")
+        progress.write(f"resumed from {resume_from} (epoch {state.epoch}, sample {state.position})", file=sys.stderr)
 
     # ---- loop
     net.train()
