@@ -11,7 +11,6 @@ machine is shared and noisy).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from ecapa_accel.config import EvalConfig, FeaturesConfig
 from ecapa_accel.encoder import EcapaEncoder, read_mono
 from ecapa_accel.evaluate import audio_item, embed_items
 from ecapa_accel.model import EcapaTdnn
+from _report import emit
 
 SAMPLE_RATE = 16000
 
@@ -98,11 +98,7 @@ def main() -> None:
         "model_fraction": round(model_s / (decode_s + model_s), 4),
         "max_abs_diff": float((results["pipeline"] - results["baseline"]).abs().max()),
     }
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key}: {value}")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

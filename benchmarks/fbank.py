@@ -7,13 +7,13 @@ Times are the best of `--repeats` interleaved runs (the machine is shared and no
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
 from ecapa_accel.config import FeaturesConfig
 from ecapa_accel.features import FeatureExtractor, kaldi_fbank_reference
+from _report import emit
 
 SAMPLE_RATE = 16000
 
@@ -71,11 +71,7 @@ def main() -> None:
         "speedup": round(loop_s / batched_s, 2),
         "max_abs_diff": max_abs_diff,
     }
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>14}: {value}")
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from ecapa_accel.features import FeatureExtractor  # noqa: E402
 from ecapa_accel.loss import AAMSoftmax  # noqa: E402
 from ecapa_accel.model import build_model  # noqa: E402
 from ecapa_accel.trainer import build_optimizer, train  # noqa: E402
+from _report import emit  # noqa: E402
 
 
 def write_corpus(root: Path, rows: int, files: int = 40, seconds: float = 3.0) -> Path:
@@ -180,11 +181,7 @@ def main() -> None:
         report.update(checkpoint, checkpoint_ratio=checkpoint["ours_s"] / checkpoint["torch_save_s"],
                       checkpoint_ratio_vs_fsync=checkpoint["ours_s"] / checkpoint["torch_save_fsync_s"])
         report.update(resume_latency(root))
-    if args.json:
-        print(json.dumps(report))
-    else:
-        for key, value in report.items():
-            print(f"{key}: {value}")
+    emit(report, args.json)
 
 
 if __name__ == "__main__":
