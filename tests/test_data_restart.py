@@ -152,7 +152,7 @@ def test_dataloader_workers_outlive_a_signal_to_the_process_group(tone_corpus):
     reference = list(data.batches(0, 0, 1, 0, 1, 0))
     before = child_processes()
     batches = data.batches(0, 0, 1, 0, 1, 2)
-    drawn = [next(batches)]
+    drawn = [next(batches), next(batches)]  # one batch from each worker: both have run their worker_init_fn
     workers = child_processes() - before
     assert len(workers) == 2
     for pid in workers:
