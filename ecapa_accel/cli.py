@@ -21,8 +21,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help and usage errors: no boxes around messages
 )
-data_app = typer.Typer(help="Check manifests and look at the training stream.", no_args_is_help=True)
+data_app = typer.Typer(help="Check manifests and look at the training stream.", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 OVERRIDES = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.max_steps=100.", show_default=False)
