@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from safetensors.torch import load_file
@@ -28,7 +27,6 @@ from .checkpoint import CheckpointSaver, TrainerState, find_checkpoint, read_sta
 from .config import (
     Config,
     OptimConfig,
-    config_from_dict,
     flatten,
     load_config,
     save_config,
@@ -98,12 +96,20 @@ def _check_run_dir(cfg: Config, run_dir: Path) -> Path | None:
         if checkpoint is not None:
             raise UserError(f"{run_dir}: holds checkpoints but no config.yaml; cannot resume it")
         return None
-    previous = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, str(saved))
+    previous = _run_config(run_dir)
     changed = unsafe_resume_changes(previous, cfg)
     if changed:
         raise UserError(f"{saved}: the run was started with a different '{changed[0]}'"
                         f" ({len(changed)} incompatible key(s)); use a new --run-dir")
     return checkpoint
+
+
+def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    """The resolved config a run was started with (RUN_DIR/config.yaml holds absolute paths), plus overrides."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    return load_config(saved, overrides)
 
 
 def _load_label_map(run_dir: Path) -> dict[str, int] | None:
@@ -154,10 +160,7 @@ def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path) -> Path:
 def export_run(run_dir: Path, out_dir: Path | None = None, step: int | None = None) -> str:
     """`ecapa-accel export`: write an export folder from a complete checkpoint (default: the newest)."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, str(saved))
+    cfg = _run_config(run_dir)
     checkpoint = find_checkpoint(run_dir, step)
     if checkpoint is None:
         raise UserError(f"{run_dir}: no complete checkpoint to export")
@@ -364,8 +367,4 @@ def _validate(accelerator: Accelerator, net, cfg: Config, run_dir: Path, state: 
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """`ecapa-accel resume DIR [KEY=VALUE ...]`: continue from DIR/config.yaml (safe overrides only)."""
     run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, str(saved), overrides)
-    return train(cfg, run_dir)
+    return train(_run_config(run_dir, overrides), run_dir)
