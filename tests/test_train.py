@@ -170,12 +170,15 @@ def test_two_processes_then_one_keeps_global_batch(tmp_path, tone_corpus):
 
 
 def test_bf16_autocast_on_cpu_trains_without_nan(tmp_path, tone_corpus):
-    config = tiny_config(tmp_path, tone_corpus, max_steps=3, mixed_precision="bf16")
+    """Also: a time-based checkpoint trigger (every ~6 ms: after every step) and pruning to the newest two."""
+    config = tiny_config(tmp_path, tone_corpus, max_steps=3, mixed_precision="bf16", checkpoint_every_steps=0,
+                         checkpoint_every_minutes=0.0001, keep_checkpoints=2)
     run = tmp_path / "bf16"
     result = cli("train", str(config), "--run-dir", str(run))
     assert result.returncode == 0, result.stderr
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_2", "step_3"]
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
