@@ -177,6 +177,10 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     resume_from = _check_run_dir(cfg, run_dir)
     data = build_training_data(cfg, label_map=_load_label_map(run_dir))  # validates before anything is written
+    steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"data: one epoch holds {data.samples_per_epoch} samples, fewer than "
+                        f"train.batch_size={cfg.train.batch_size}")
 
     # ---- build
     accelerator = Accelerator(
@@ -198,10 +202,6 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
 
-    steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"data: one epoch holds {data.samples_per_epoch} samples, fewer than "
-                        f"train.batch_size={cfg.train.batch_size}")
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)

@@ -199,6 +199,7 @@ def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.read_text().replace("channels: 16", "channels: 16\n  colour: red"))
     assert_user_error(cli("train", str(bad), "--run-dir", str(run)), "model.colour")
+    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=64"), "train.batch_size")
     assert not run.exists()
 
     assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
