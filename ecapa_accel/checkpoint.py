@@ -120,8 +120,6 @@ class CheckpointSaver:
         """Collective: every process calls it. Returns the complete checkpoint folder."""
         accelerator = self.accelerator
         final = self.folder / f"step_{state.step}"
-        if final.is_dir():  # this step is already saved (e.g. epoch end after a step trigger)
-            return final
         temporary = self.folder / f".step_{state.step}.tmp"
         if accelerator.is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -132,6 +130,8 @@ class CheckpointSaver:
         if accelerator.is_main_process:
             (temporary / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
             _fsync_tree(temporary)
+            # Only a folder without a trainer state (never loaded) can stand here: it must not block the rename.
+            shutil.rmtree(final, ignore_errors=True)
             os.rename(temporary, final)
             _fsync_dir(self.folder)
             for old in complete_checkpoints(self.folder.parent)[: -self.keep]:

@@ -231,7 +231,7 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     stop = _StopRequest()
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
-    if resume_from is not None:
+    if resume_from is not None and accelerator.is_local_main_process:  # tqdm.write ignores `disable`
         progress.write(f"resumed from {resume_from} (epoch {state.epoch}, sample {state.position})", file=sys.stderr)
 
     # ---- loop
