@@ -8,6 +8,8 @@ RUN_DIR/config.yaml) is usable from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,6 +158,19 @@ SAFE_RESUME_KEYS = (
 
 # Path-valued keys, resolved against the config file's folder.
 _PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root", "manifest")
+# A decimal number as text. PyYAML follows YAML 1.1, which reads `1e-4`, `1E-4` and `-.5` as strings.
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def _as_number(value: Any) -> int | float | None:
+    """A YAML value as the number it spells (ints and floats as they are, decimal text parsed); None if none."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        return float(value)
+    return None
 
 
 def _convert(value: Any, kind: Any, key: str, source: str) -> Any:
@@ -186,15 +201,19 @@ def _convert(value: Any, kind: Any, key: str, source: str) -> Any:
             return value
         raise UserError(f"{source}: '{key}' must be true or false, got {value!r}")
     if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _as_number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():  # 1e3, 1000.0
+            return int(number)
         raise UserError(f"{source}: '{key}' must be an integer, got {value!r}")
     if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
+        number = _as_number(value)
+        if number is None:
+            raise UserError(f"{source}: '{key}' must be a number, got {value!r}")
+        if not math.isfinite(number):  # no key means anything by .inf or .nan
+            raise UserError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        return float(number)
     if kind is str:
         if value is False and key.endswith("mixed_precision"):
             return "no"  # bare `no` in YAML is false

@@ -71,3 +71,43 @@ def test_resume_safety_classifies_keys(tmp_path):
     assert unsafe_resume_changes(base, safe) == []
     unsafe = ea.load_config(path, ["model.channels=512", "train.seed=1", "train.batch_size=128"])
     assert unsafe_resume_changes(base, unsafe) == ["model.channels", "train.batch_size", "train.seed"]
+
+
+@pytest.mark.parametrize("spelling, value", [("1e-4", 1e-4), ("1E-4", 1e-4), (".5", 0.5), ("5.", 5.0),
+                                             ("2.5e-1", 0.25), ("+1e-2", 0.01)])
+def test_float_keys_accept_every_decimal_spelling(tmp_path, spelling, value):
+    from_yaml = ea.load_config(write(tmp_path, f"optim: {{lr: {spelling}}}"))
+    from_override = ea.load_config(write(tmp_path, "{}"), [f"optim.lr={spelling}"])
+    assert from_yaml.optim.lr == from_override.optim.lr == value
+
+
+def test_negative_exponents_and_integral_exponents_for_integer_keys(tmp_path):
+    cfg = ea.load_config(write(tmp_path, "data: {augment: {gain_db: [-.5, -1e-3]}}\ntrain: {max_steps: 1e3}"),
+                         ["optim.betas=[9e-1, 0.999]", "train.checkpoint_every_steps=2.5e2"])
+    assert cfg.data.augment.gain_db == [-0.5, -1e-3] and cfg.optim.betas == [0.9, 0.999]
+    assert cfg.train.max_steps == 1000 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.checkpoint_every_steps == 250
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key, says",
+    [
+        ("{}", ["optim.lr=1e-4x"], "optim.lr", "must be a number"),
+        ("optim: {lr: e-4}", [], "optim.lr", "must be a number"),
+        ("optim: {lr: 1e}", [], "optim.lr", "must be a number"),
+        ("{}", ["train.max_steps=1.55e1"], "train.max_steps", "must be an integer"),
+        ("{}", ["train.max_steps=1e-3"], "train.max_steps", "must be an integer"),
+        ("{}", ["train.max_steps=.inf"], "train.max_steps", "must be an integer"),
+        ("{}", ["optim.lr=.inf"], "optim.lr", "finite"),
+        ("optim: {lr: .nan}", [], "optim.lr", "finite"),
+        ("optim: {lr: 1e400}", [], "optim.lr", "finite"),
+        ("data: {datasets: [{name: a, csv: a.csv, weight: .inf}]}", [], "data.datasets[0].weight", "finite"),
+        ("{}", ["optim.betas=[0.9, .nan]"], "optim.betas[1]", "finite"),
+        ("{}", ["loss.scale=-.inf"], "loss.scale", "finite"),
+    ],
+)
+def test_bad_numbers_and_non_finite_values_name_the_key(tmp_path, text, overrides, key, says):
+    with pytest.raises(ea.UserError) as error:
+        ea.load_config(write(tmp_path, text), overrides)
+    message = str(error.value)
+    assert f"'{key}'" in message and says in message and "\n" not in message
