@@ -20,6 +20,10 @@ import yaml
 
 from .errors import UserError
 
+RES2_SCALE = 8  # channel groups in each Res2 convolution of the model: `model.channels` must divide by it
+MIN_SAMPLE_RATE = 8000  # telephone speech; below it the 20 Hz - Nyquist mel filterbank has nothing to hold
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
 
 def _choice(default: str, *choices: str):
     return field(default=default, metadata={"choices": (default, *choices)})
@@ -76,7 +80,7 @@ class FeaturesConfig:
 @dataclass
 class ModelConfig:
     variant: str = _choice("3dspeaker", "wespeaker")
-    channels: int = 1024
+    channels: int = 1024  # a multiple of RES2_SCALE (8)
     embed_dim: int = 192
 
 
@@ -330,7 +334,7 @@ def validate(cfg: Config, source: str) -> None:
         need(dataset.weight > 0, f"data.datasets[{i}].weight", "must be positive")
         need(names.count(dataset.name) == 1, f"data.datasets[{i}].name", f"'{dataset.name}' is used twice")
     need(cfg.data.crop_seconds > 0, "data.crop_seconds", "must be positive")
-    need(cfg.data.sample_rate > 0, "data.sample_rate", "must be positive")
+    need(cfg.data.sample_rate >= MIN_SAMPLE_RATE, "data.sample_rate", f"must be at least {MIN_SAMPLE_RATE} Hz")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(bool(cfg.data.speed_factors) and all(f > 0 for f in cfg.data.speed_factors), "data.speed_factors",
          "must be a non-empty list of positive factors")
@@ -342,23 +346,38 @@ def validate(cfg: Config, source: str) -> None:
         need(len(bounds) == 2 and bounds[0] <= bounds[1], f"data.augment.snr_db.{category}", "must be [low, high]")
     need(len(augment.gain_db) == 2 and augment.gain_db[0] <= augment.gain_db[1], "data.augment.gain_db",
          "must be [low, high]")
-    need(cfg.features.n_mels > 0, "features.n_mels", "must be positive")
-    need(cfg.features.frame_shift_ms > 0, "features.frame_shift_ms", "must be positive")
+    need(cfg.features.n_mels >= 4, "features.n_mels", "must be at least 4 (Kaldi's filterbank minimum)")
+    need(cfg.features.frame_shift_ms >= 1, "features.frame_shift_ms", "must be at least 1 ms")
     need(cfg.features.frame_length_ms >= cfg.features.frame_shift_ms, "features.frame_length_ms",
          "must be at least features.frame_shift_ms")
+    need(cfg.features.frame_length_ms <= 1000 * cfg.data.crop_seconds, "features.frame_length_ms",
+         f"({cfg.features.frame_length_ms:g} ms) must fit in one training crop "
+         f"(data.crop_seconds={cfg.data.crop_seconds:g})")
     need(cfg.features.dither >= 0, "features.dither", "must be >= 0")
-    need(cfg.model.channels > 0, "model.channels", "must be positive")
+    need(cfg.model.channels > 0 and cfg.model.channels % RES2_SCALE == 0, "model.channels",
+         f"must be a positive multiple of {RES2_SCALE} (Res2 splits channels into {RES2_SCALE} groups); "
+         f"got {cfg.model.channels}")
     need(cfg.model.embed_dim > 0, "model.embed_dim", "must be positive")
     need(cfg.loss.scale > 0, "loss.scale", "must be positive")
     need(0 <= cfg.loss.margin < 1.5, "loss.margin", "must be within [0, 1.5) radians")
     need(cfg.loss.margin_ramp_end_epoch >= cfg.loss.margin_ramp_start_epoch, "loss.margin_ramp_end_epoch",
          "must be >= loss.margin_ramp_start_epoch")
-    need(cfg.optim.lr > 0, "optim.lr", "must be positive")
-    need(cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(len(cfg.optim.betas) == 2, "optim.betas", "must be two numbers")
-    need(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
-    need(cfg.optim.decay_every_epochs > 0, "optim.decay_every_epochs", "must be positive")
-    need(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    optim = cfg.optim
+    need(optim.lr > 0, "optim.lr", "must be positive")
+    need(optim.min_lr >= 0, "optim.min_lr", "must be >= 0")
+    need(optim.schedule != "cosine" or optim.min_lr <= optim.lr, "optim.min_lr",
+         f"({optim.min_lr:g}) must not exceed optim.lr ({optim.lr:g}): the cosine schedule decays from lr to min_lr")
+    need(0 <= optim.momentum < 1, "optim.momentum", f"must be within [0, 1); got {optim.momentum:g}")
+    need(optim.name != "sgd" or not optim.nesterov or optim.momentum > 0, "optim.momentum",
+         "must be positive with optim.nesterov: true (set optim.nesterov=false for plain SGD)")
+    need(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(len(optim.betas) == 2 and all(0 <= beta < 1 for beta in optim.betas), "optim.betas",
+         f"must be two numbers within [0, 1); got {optim.betas}")
+    need(optim.warmup_epochs >= 0, "optim.warmup_epochs", "must be >= 0")
+    need(optim.decay_every_epochs > 0, "optim.decay_every_epochs", "must be positive")
+    need(optim.decay_gamma > 0, "optim.decay_gamma", "must be positive")
+    need(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(0 <= cfg.train.seed <= MAX_SEED, "train.seed", f"must be within [0, {MAX_SEED}]; got {cfg.train.seed}")
     need(cfg.train.batch_size > 0, "train.batch_size", "must be positive")
     need(cfg.train.max_device_batch_size is None or cfg.train.max_device_batch_size > 0,
          "train.max_device_batch_size", "must be positive")

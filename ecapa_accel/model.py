@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .errors import UserError
+from .config import RES2_SCALE, ModelConfig
 
 VARIANTS = ("3dspeaker", "wespeaker")
-RES2_SCALE = 8  # channel groups in each Res2 convolution
 SE_CHANNELS = 128
 ATTENTION_CHANNELS = 128
 WESPEAKER_AGGREGATE_CHANNELS = 1536  # WeSpeaker fixes the aggregation width at 3 x 512 for every block width
@@ -184,10 +182,5 @@ class EcapaTdnn(nn.Module):
 
 
 def build_model(model_cfg: ModelConfig, n_mels: int) -> EcapaTdnn:
-    """The network a config describes; a width the Res2 split cannot take is a `UserError`."""
-    if model_cfg.channels % RES2_SCALE:
-        raise UserError(
-            f"'model.channels' must be a multiple of {RES2_SCALE} (Res2 splits channels into {RES2_SCALE} groups); "
-            f"got {model_cfg.channels}"
-        )
+    """The network a config describes (`config.validate` has checked its values)."""
     return EcapaTdnn(n_mels, model_cfg.channels, model_cfg.embed_dim, model_cfg.variant)
