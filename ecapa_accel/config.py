@@ -20,6 +20,8 @@ import yaml
 
 from .errors import UserError
 
+INIT_FORMATS = ("3dspeaker", "wespeaker", "speechbrain")  # peers whose checkpoints `model.init_from` reads
+
 RES2_SCALE = 8  # channel groups in each Res2 convolution of the model: `model.channels` must divide by it
 MIN_SAMPLE_RATE = 8000  # telephone speech; below it the 20 Hz - Nyquist mel filterbank has nothing to hold
 MAX_SEED = 2**32 - 1  # numpy's seed range
@@ -82,6 +84,10 @@ class ModelConfig:
     variant: str = _choice("3dspeaker", "wespeaker")
     channels: int = 1024  # a multiple of RES2_SCALE (8)
     embed_dim: int = 192
+    # Start from these weights (export folder, run directory or peer checkpoint file); read only at step 0.
+    init_from: str | None = None
+    init_from_format: str | None = None  # peer of a checkpoint file: 3dspeaker | wespeaker | speechbrain
+    init_from_sha256: str | None = None  # of the source's weights file; filled in at step 0 (set it to pin one)
 
 
 @dataclass
@@ -161,7 +167,7 @@ SAFE_RESUME_KEYS = (
 )
 
 # Path-valued keys, resolved against the config file's folder.
-_PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root", "manifest")
+_PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root", "manifest", "init_from")
 # A decimal number as text. PyYAML follows YAML 1.1, which reads `1e-4`, `1E-4` and `-.5` as strings.
 _DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
@@ -358,6 +364,10 @@ def validate(cfg: Config, source: str) -> None:
          f"must be a positive multiple of {RES2_SCALE} (Res2 splits channels into {RES2_SCALE} groups); "
          f"got {cfg.model.channels}")
     need(cfg.model.embed_dim > 0, "model.embed_dim", "must be positive")
+    need(cfg.model.init_from_format in (None, *INIT_FORMATS), "model.init_from_format",
+         f"must be one of {', '.join(INIT_FORMATS)} (or null); got {cfg.model.init_from_format!r}")
+    need(cfg.model.init_from_sha256 is None or re.fullmatch(r"[0-9a-f]{64}", cfg.model.init_from_sha256) is not None,
+         "model.init_from_sha256", "must be 64 lowercase hex digits (a sha256)")
     need(cfg.loss.scale > 0, "loss.scale", "must be positive")
     need(0 <= cfg.loss.margin < 1.5, "loss.margin", "must be within [0, 1.5) radians")
     need(cfg.loss.margin_ramp_end_epoch >= cfg.loss.margin_ramp_start_epoch, "loss.margin_ramp_end_epoch",
@@ -411,5 +421,7 @@ def changed_keys(old: Config, new: Config) -> list[str]:
 
 
 def unsafe_resume_changes(old: Config, new: Config) -> list[str]:
-    """Changed keys that a resumed run cannot accept."""
-    return [key for key in changed_keys(old, new) if not key.startswith(SAFE_RESUME_KEYS)]
+    """Changed keys that a resumed run cannot accept (a config that leaves the recorded init sha256 unset matches)."""
+    unset_sha = new.model.init_from_sha256 is None
+    return [key for key in changed_keys(old, new) if not key.startswith(SAFE_RESUME_KEYS)
+            and not (key == "model.init_from_sha256" and unset_sha)]

@@ -30,7 +30,7 @@ def config_defaults(cls=Config, prefix: str = "") -> dict[str, object]:
 
 
 def test_config_reference_matches_the_dataclasses():
-    rows = re.findall(r"^\| `([a-z_.\[\]]+)` \| (.+?) \| (.+?) \|$", README.read_text(), flags=re.MULTILINE)
+    rows = re.findall(r"^\| `([a-z0-9_.\[\]]+)` \| (.+?) \| (.+?) \|$", README.read_text(), flags=re.MULTILINE)
     documented = {key: default for key, default, _ in rows if "." in key}
     expected = config_defaults()
     assert documented.keys() == expected.keys()
