@@ -80,7 +80,8 @@ def _is_dropped(peer: str, key: str) -> bool:
     return key.endswith("num_batches_tracked") or (peer == "wespeaker" and key.startswith("projection."))
 
 
-def _read_state_dict(src: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
+    """A peer checkpoint's tensors (weights_only load; `model`/`state_dict` wrappers and `module.` prefixes removed)."""
     if not src.is_file():
         raise UserError(f"{src}: checkpoint file not found")
     try:
@@ -111,12 +112,29 @@ def _shape_of(state: dict[str, torch.Tensor], key: str, src: Path, peer: str, di
     return shape
 
 
+def peer_layouts(state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    """The peers whose key names `state` uses (3D-Speaker kept SpeechBrain's, so those two always come together)."""
+    if f"{_wespeaker_modules()['stem.conv']}.weight" in state:
+        return ("wespeaker",)
+    if f"{_speechbrain_modules()['stem.conv']}.weight" in state:
+        return ("3dspeaker", "speechbrain")
+    return ()
+
+
 def convert_checkpoint(peer: str, src: Path, out_dir: Path) -> str:
     """Convert a peer's ECAPA-TDNN checkpoint into an export folder; returns a one-line summary."""
     if peer not in PEERS:
         raise UserError(f"unknown peer '{peer}'; choose one of {', '.join(PEERS)}")
     src, out_dir = Path(src), Path(out_dir)
-    state = _read_state_dict(src)
+    model, features = peer_model(peer, read_state_dict(src), src)
+    EcapaEncoder(model, features).save_pretrained(out_dir)
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    return (f"converted {src} ({peer}: {model.channels} channels, {model.embed_dim}-d embeddings, "
+            f"{features.n_mels} mels, {parameters:,} parameters, {features.kind} front end) -> {out_dir}")
+
+
+def peer_model(peer: str, state: dict[str, torch.Tensor], src: Path) -> tuple[EcapaTdnn, FeaturesConfig]:
+    """A peer's state dict as our network (weights loaded) and the peer's front end; nothing is written."""
     modules = _wespeaker_modules() if peer == "wespeaker" else _speechbrain_modules()
 
     channels, n_mels, _ = _shape_of(state, f"{modules['stem.conv']}.weight", src, peer, dims=3)
@@ -148,9 +166,4 @@ def convert_checkpoint(peer: str, src: Path, out_dir: Path) -> str:
         if key not in converted and not _is_dropped(peer, peer_key):
             raise UserError(f"{src}: missing key '{peer_key}' for {described}")
     model.load_state_dict(ours | converted)
-
-    features = FeaturesConfig(n_mels=n_mels, **PEER_FRONT_ENDS[peer])
-    EcapaEncoder(model, features).save_pretrained(out_dir)
-    parameters = sum(parameter.numel() for parameter in model.parameters())
-    return (f"converted {src} ({peer}: {channels} channels, {embed_dim}-d embeddings, {n_mels} mels, "
-            f"{parameters:,} parameters, {features.kind} front end) -> {out_dir}")
+    return model, FeaturesConfig(n_mels=n_mels, **PEER_FRONT_ENDS[peer])
