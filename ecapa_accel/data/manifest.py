@@ -95,6 +95,10 @@ class Manifest:
         """The row's audio file, resolved against the CSV's folder."""
         return os.path.join(self.csv.parent, self._paths[row].as_py())
 
+    def where(self, row: int) -> str:
+        """A row named for messages."""
+        return f"{self.csv} row {row + 1}"
+
     def segment(self, row: int) -> tuple[float, float | None]:
         """(start, stop) in seconds; stop None means the end of the file."""
         start = 0.0 if self.start is None or np.isnan(self.start[row]) else float(self.start[row])

@@ -11,6 +11,11 @@ where p_i are the normalised weights. Each draw picks a dataset with probability
 (`datasets.interleave_datasets`); within a dataset the rows come in a shuffled order and a dataset that runs out
 continues with a fresh shuffle, so no row repeats before all rows of its dataset have been used.
 
+A dataset read in blocks (packed shards, or a CSV with `shuffle: blocks`) is shuffled so that each block is read
+once per pass: the blocks come in a seeded order, `window` consecutive blocks of it form a window, and the rows
+of a window come in a seeded order of their own (`block_shuffled_rows`). Every pass is still a permutation of
+all rows, and a run of draws mixes the rows of `window` blocks.
+
 Everything here is a pure function of (train.seed, epoch): the basis of exact resume.
 """
 
@@ -22,7 +27,7 @@ import datasets
 import numpy as np
 
 # Purposes of random streams, so that no two of them share a seed.
-ORDER, MIX, SAMPLE, SUBSTITUTE = range(4)
+ORDER, MIX, SAMPLE, SUBSTITUTE, BLOCK_ORDER = range(5)
 
 
 def random_stream(seed: int, *keys: int) -> np.random.Generator:
@@ -62,9 +67,28 @@ def _shuffled_rows(size: int, count: int, offset: int, seed: int, epoch: int, da
     return np.concatenate(passes)[:count]
 
 
-def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int) -> datasets.Dataset:
+def block_shuffled_rows(block_lengths: np.ndarray, count: int, window: int, seed: int, epoch: int,
+                        dataset: int) -> np.ndarray:
+    """`count` row numbers of a dataset made of consecutive blocks: passes over all rows, each pass a seeded
+    order of the blocks cut into windows of `window` blocks, the rows of each window in a seeded order."""
+    size = int(np.sum(block_lengths))
+    starts = np.cumsum([0, *block_lengths[:-1]])
+    passes = []
+    for n in range(math.ceil(count / size)):
+        blocks = random_stream(seed, BLOCK_ORDER, epoch, dataset, n).permutation(len(block_lengths))
+        for w in range(0, len(blocks), window):
+            chosen = blocks[w : w + window]
+            rows = np.concatenate([np.arange(starts[b], starts[b] + block_lengths[b]) for b in chosen])
+            passes.append(rows[random_stream(seed, BLOCK_ORDER, epoch, dataset, n, w + 1).permutation(len(rows))])
+    return np.concatenate(passes)[:count]
+
+
+def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int,
+              blocks: list[np.ndarray | None] | None = None, window: int = 1) -> datasets.Dataset:
     """The epoch's order: a dataset whose column `row` holds, per position, a row number into the
-    concatenation of all manifests (dataset d's rows start at sum(sizes[:d])). At least `length` long."""
+    concatenation of all manifests (dataset d's rows start at sum(sizes[:d])). At least `length` long.
+    blocks[d]: the block lengths of a dataset read in blocks (None: rows shuffled one by one)."""
+    blocks = blocks or [None] * len(sizes)
     probabilities = normalised(weights)
     offsets = np.cumsum([0, *sizes[:-1]])
     mix_seed = int(random_stream(seed, MIX, epoch).integers(2**63))
@@ -72,7 +96,9 @@ def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, ep
     counts = [math.ceil(length * p + 6 * math.sqrt(length * p * (1 - p))) + 1 for p in probabilities]
     while True:
         sources = [
-            datasets.Dataset.from_dict({"row": _shuffled_rows(size, count, offset, seed, epoch, d)})
+            datasets.Dataset.from_dict({"row": _shuffled_rows(size, count, offset, seed, epoch, d)
+                                        if blocks[d] is None else
+                                        offset + block_shuffled_rows(blocks[d], count, window, seed, epoch, d)})
             for d, (size, count, offset) in enumerate(zip(sizes, counts, offsets))
         ]
         # With the counts above, the first source runs out just past `length` draws.

@@ -4,11 +4,15 @@ A sample is a pure function of (train.seed, epoch, position): the epoch's order 
 row, and the sample's own random stream picks the speed, the crop offset and the augmentation. Sharding is
 arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a run resumed with another
 process count continues at the next unseen position.
+
+Packed shards (`ecapa_accel.data.shards`) are read a block at a time: each data-loading process keeps the blocks
+its batches need in a bounded cache and reads the blocks of its next batches ahead on a few threads.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import Counter
@@ -27,17 +31,33 @@ from .audio import UnreadableAudio, read_crop
 from .augment import Augmenter
 from .manifest import Manifest, Problems, read_manifest
 from .mixing import SAMPLE, SUBSTITUTE, build_label_map, epoch_length, mix_epoch, random_stream, speed_class
+from .shards import DEFAULT_BLOCK_ROWS, BlockCache, ShardDataset
 
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 20  # unreadable files in a row before a sample gives up
+READ_AHEAD_BATCHES = 4  # a process's next batches whose shard blocks it starts reading
 
 
 @dataclass
 class _Source:
-    manifest: Manifest
+    manifest: Manifest | ShardDataset
     classes: np.ndarray  # class index per (speaker, speed factor); one column when speeds are not classes
     first_row: int  # where this manifest starts in the concatenation of all rows
+    blocks: np.ndarray | None  # block lengths when the dataset is shuffled by blocks (see `mixing`)
+
+
+def _block_lengths(dataset, manifest: Manifest | ShardDataset) -> np.ndarray | None:
+    """How a dataset is cut into blocks for shuffling: a pack's row groups, or `block_rows` rows of a CSV."""
+    if isinstance(manifest, ShardDataset):
+        if dataset.block_rows is not None and dataset.block_rows != manifest.block_rows:
+            raise UserError(f"{manifest.index_path}: packed in blocks of {manifest.block_rows} rows, but "
+                            f"data.datasets '{dataset.name}' asks for block_rows={dataset.block_rows}")
+        return manifest.block_lengths
+    if dataset.shuffle != "blocks":
+        return None
+    rows = dataset.block_rows or DEFAULT_BLOCK_ROWS
+    return np.diff(np.append(np.arange(0, len(manifest), rows), len(manifest)))
 
 
 class TrainingData:
@@ -68,19 +88,52 @@ class TrainingData:
                 for k, factor in enumerate(factors):
                     classes[s, k] = label_map[speed_class(f"{namespace}/{speaker}", factor)]
                     self.speaker_of_class[classes[s, k]] = f"{namespace}/{speaker}"
-            self._sources.append(_Source(manifest, classes, first_row))
+            self._sources.append(_Source(manifest, classes, first_row, _block_lengths(dataset, manifest)))
             first_row += len(manifest)
         self._sizes = [len(manifest) for manifest in manifests]
         self._first_rows = np.array([source.first_row for source in self._sources])
         self._weights = [dataset.weight for dataset in data.datasets]
         self.samples_per_epoch = epoch_length(self._sizes, self._weights, data.stopping_strategy)
+        self._window = data.shuffle_window_blocks
+        self._memory_bytes = int(data.shard_memory_mb * 2**20)
         self._order: tuple[int, datasets.Dataset] | None = None
+        self._cache: tuple[int, BlockCache] | None = None  # (process id, its cache): forked workers start empty
 
     def order(self, epoch: int) -> datasets.Dataset:
         """The epoch's sample order (column `row`: row in the concatenated manifests); the last one is kept."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, mix_epoch(self._sizes, self._weights, self.samples_per_epoch, self.seed, epoch))
+            blocks = [source.blocks for source in self._sources]
+            self._order = (epoch, mix_epoch(self._sizes, self._weights, self.samples_per_epoch, self.seed, epoch,
+                                            blocks, self._window))
         return self._order[1]
+
+    def block_cache(self) -> BlockCache:
+        """This process's cache of shard blocks."""
+        if self._cache is None or self._cache[0] != os.getpid():
+            self._cache = (os.getpid(), BlockCache(self._memory_bytes))
+        return self._cache[1]
+
+    def read_ahead(self, epoch: int, positions: Sequence[int], stride: int) -> None:
+        """Start reading the shard blocks of `positions` and of this process's next batches (`stride` apart)."""
+        if not any(isinstance(source.manifest, ShardDataset) for source in self._sources):
+            return
+        wanted = []
+        for k in range(READ_AHEAD_BATCHES + 1):
+            upcoming = [p + k * stride for p in positions if p + k * stride < self.samples_per_epoch]
+            if not upcoming:
+                break
+            for dataset, row in self.locate(epoch, upcoming):
+                manifest = self._sources[dataset].manifest
+                if isinstance(manifest, ShardDataset):
+                    wanted.append((dataset, manifest.block_of(row), manifest))
+        self.block_cache().read_ahead(list(dict.fromkeys(wanted)))
+
+    def _audio(self, dataset: int, row: int):
+        """What `read_crop` opens for a row: its file path, or its packed bytes."""
+        manifest = self._sources[dataset].manifest
+        if isinstance(manifest, ShardDataset):
+            return self.block_cache().audio(dataset, manifest, row)
+        return manifest.audio_path(row)
 
     def locate(self, epoch: int, positions: Sequence[int]) -> list[tuple[int, int]]:
         """(dataset index, row in its manifest) drawn at each global position of an epoch."""
@@ -92,6 +145,10 @@ class TrainingData:
             dataset = int(np.searchsorted(self._first_rows, row, side="right")) - 1
             located.append((dataset, row - self._sources[dataset].first_row))
         return located
+
+    def paths_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
+        """The audio files drawn at positions of an epoch (to name them in messages)."""
+        return [self._sources[dataset].manifest.audio_path(row) for dataset, row in self.locate(epoch, positions)]
 
     def datasets_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         return [self.dataset_names[dataset] for dataset, _ in self.locate(epoch, positions)]
@@ -110,17 +167,19 @@ class TrainingData:
             factor, speed_column = (self.speed_factors[speed_choice] if augment.applied else 1.0), 0
         replaced = False
         for attempt in range(MAX_SUBSTITUTES):
-            path = source.manifest.audio_path(row)
             start, stop = source.manifest.segment(row)
             try:
-                wave = read_crop(path, self.sample_rate, self.crop_samples, crop_fraction, factor, start, stop)
+                wave = read_crop(self._audio(dataset, row), self.sample_rate, self.crop_samples, crop_fraction,
+                                 factor, start, stop)
                 break
             except UnreadableAudio as error:
                 # Another row of the same dataset, chosen by (seed, epoch, position, attempt): still deterministic.
                 substitutes = random_stream(self.seed, SUBSTITUTE, epoch, position, attempt)
                 substitute = int(substitutes.integers(len(source.manifest)))
-                logger.warning("unreadable audio %s (%s row %d): %s; using row %d instead",
-                               path, source.manifest.csv, row + 1, error, substitute + 1)
+                named = source.manifest.where(row)
+                if isinstance(source.manifest, Manifest):
+                    named = f"{source.manifest.audio_path(row)} ({named})"
+                logger.warning("unreadable audio %s: %s; using row %d instead", named, error, substitute + 1)
                 row, replaced = substitute, True
         else:
             raise UserError(f"{source.manifest.csv}: {MAX_SUBSTITUTES} unreadable audio files in a row while "
@@ -138,7 +197,7 @@ class TrainingData:
         """
         self.order(epoch)  # built here once; forked workers inherit it
         loader = DataLoader(
-            _EpochSamples(self, epoch),
+            _EpochSamples(self, epoch, stride=micro_batch * world * max(1, num_workers)),
             batch_sampler=_ShardedChunks(start, micro_batch, rank, world, self.samples_per_epoch),
             num_workers=num_workers,
             collate_fn=_collate,
@@ -150,9 +209,10 @@ class TrainingData:
 class _EpochSamples(Dataset):
     """Map-style view of one epoch: index = global position."""
 
-    def __init__(self, data: TrainingData, epoch: int):
+    def __init__(self, data: TrainingData, epoch: int, stride: int):
         self.data = data
         self.epoch = epoch
+        self.stride = stride  # positions between this process's consecutive batches (its worker's share)
 
     def __len__(self) -> int:
         return self.data.samples_per_epoch
@@ -162,6 +222,7 @@ class _EpochSamples(Dataset):
 
     def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int, int, bool]]:
         located = self.data.locate(self.epoch, positions)
+        self.data.read_ahead(self.epoch, positions, self.stride)
         with _one_thread():
             samples = [self.data.sample(self.epoch, p, dataset, row) for p, (dataset, row) in zip(positions, located)]
         return [(wave, label, p, replaced) for p, (wave, label, replaced) in zip(positions, samples)]
@@ -212,13 +273,13 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _check_unreadable(manifests: list[Manifest], max_bad_fraction: float) -> None:
+def _check_unreadable(manifests: list[Manifest | ShardDataset], max_bad_fraction: float) -> None:
     unreadable = sum(len(manifest.unreadable) for manifest in manifests)
     if not unreadable:
         return
     rows = sum(len(manifest) for manifest in manifests)
     example = next(manifest for manifest in manifests if manifest.unreadable)
-    where = f"e.g. {example.csv} row {example.unreadable[0] + 1}"
+    where = f"e.g. {example.where(example.unreadable[0])}"
     if unreadable > max_bad_fraction * rows:
         raise UserError(f"{unreadable} of {rows} listed audio files cannot be decoded ({where}), more than "
                         f"data.max_bad_fraction={max_bad_fraction}; run `ecapa-accel data check` on the CSVs")
@@ -247,7 +308,8 @@ def build_training_data(cfg: Config, label_map: dict[str, int] | None = None) ->
     if not cfg.data.datasets:
         raise UserError("config: data.datasets is empty; list at least one manifest CSV")
     problems = Problems()
-    manifests = [read_manifest(dataset.csv, problems, tolerate_unreadable=True) for dataset in cfg.data.datasets]
+    manifests = [ShardDataset(dataset.shards) if dataset.shards else
+                 read_manifest(dataset.csv, problems, tolerate_unreadable=True) for dataset in cfg.data.datasets]
     augment = cfg.data.augment
     noises = read_manifest(augment.noise_csv, problems, needs_speaker=False) if augment.noise_csv else None
     rirs = read_manifest(augment.rir_csv, problems, needs_speaker=False) if augment.rir_csv else None
