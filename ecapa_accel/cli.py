@@ -74,11 +74,13 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory."), as_json: 
 
 
 @data_app.command("check")
-def data_check(csvs: List[Path] = typer.Argument(..., help="Manifest CSV files.")) -> None:
-    """Validate manifests (columns, IDs, segments, audio headers) and summarise them."""
-    from .data import check_manifests
+def data_check(
+    csvs: List[str] = typer.Argument(..., help="Manifest CSV files, or packs (folder, index.json, glob, URL)."),
+) -> None:
+    """Validate manifests (columns, IDs, segments, audio headers) or packs, and summarise them."""
+    from .data import check_datasets
 
-    for line in check_manifests(csvs):
+    for line in check_datasets(csvs):
         typer.echo(line)
 
 
@@ -117,6 +119,20 @@ def prepare(
     from .data import prepare_manifest
 
     typer.echo(prepare_manifest(layout.value, root, out_csv))
+
+
+@app.command()
+def pack(
+    csv: Path = typer.Argument(..., help="Manifest CSV to pack."),
+    out_dir: Path = typer.Argument(..., help="Folder for the shards and index.json (resumed if unfinished)."),
+    shard_size: str = typer.Option("512MB", "--shard-size", help="Audio per shard, e.g. 512MB or 2GB."),
+    block_rows: int = typer.Option(64, "--block-rows", help="Rows per row group (the unit read and shuffled)."),
+) -> None:
+    """Pack a manifest's audio (bytes as they are) into Parquet shards for large or remote corpora."""
+    from .data import pack_manifest
+
+    for line in pack_manifest(csv, out_dir, shard_size, block_rows):
+        typer.echo(line)
 
 
 @app.command("eval")

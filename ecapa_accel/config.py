@@ -35,9 +35,15 @@ def _choice(default: str, *choices: str):
 class DatasetConfig:
     name: str = ""
     csv: str = ""
+    # Instead of `csv`: packed shards (`ecapa-accel pack`): a folder, glob or index.json, local or fsspec URL.
+    shards: str = ""
     weight: float = 1.0
     # Datasets that name the same namespace share speaker labels (default: their own name).
     namespace: str | None = None
+    # rows: each row drawn in a random order; blocks: blocks of rows in a random order, the rows of
+    # data.shuffle_window_blocks blocks at a time interleaved (auto: blocks for shards, rows for a CSV).
+    shuffle: str = _choice("auto", "rows", "blocks")
+    block_rows: int | None = None  # rows per block of a CSV read in blocks (default 64, as `pack` writes)
 
 
 @dataclass
@@ -64,6 +70,8 @@ class DataConfig:
     speed_factors: list[float] = field(default_factory=lambda: [1.0])
     speed_as_classes: bool = True  # speaker x speed are new classes (3D-Speaker, WeSpeaker)
     max_bad_fraction: float = 0.05
+    shuffle_window_blocks: int = 32  # blocks whose rows are interleaved at once (block-shuffled datasets)
+    shard_memory_mb: float = 1024.0  # packed audio held per data-loading process (blocks in use + read-ahead)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -163,11 +171,18 @@ SAFE_RESUME_KEYS = (
     "train.max_device_batch_size",
     "data.num_workers",
     "data.max_bad_fraction",
+    "data.shard_memory_mb",
     "eval.",
 )
 
 # Path-valued keys, resolved against the config file's folder.
-_PATH_KEYS = ("csv", "noise_csv", "rir_csv", "trials", "audio_root", "manifest", "init_from")
+_PATH_KEYS = ("csv", "shards", "noise_csv", "rir_csv", "trials", "audio_root", "manifest", "init_from")
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value  # fsspec URLs (http://, s3://, hf://) are not paths to resolve
+
+
 # A decimal number as text. PyYAML follows YAML 1.1, which reads `1e-4`, `1E-4` and `-.5` as strings.
 _DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
 
@@ -256,7 +271,8 @@ def to_dict(cfg: Config) -> dict:
 def _resolve_paths(values: Any, base: Path) -> Any:
     if isinstance(values, dict):
         return {
-            k: (str((base / v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and v else _resolve_paths(v, base))
+            k: (str((base / v).resolve()) if k in _PATH_KEYS and isinstance(v, str) and v and not _is_url(v)
+                else _resolve_paths(v, base))
             for k, v in values.items()
         }
     if isinstance(values, list):
@@ -293,7 +309,7 @@ def config_from_dict(values: dict, source: str, overrides: list[str] | None = No
     """Build a checked `Config` from plain values plus dotted overrides."""
     values = _resolve_paths(values, base) if base is not None else values
     for key, value in parse_overrides(overrides).items():
-        if isinstance(value, str) and key.rsplit(".", 1)[-1] in _PATH_KEYS:
+        if isinstance(value, str) and key.rsplit(".", 1)[-1] in _PATH_KEYS and not _is_url(value):
             value = str(Path(value).resolve())
         _set_dotted(values, key, value, "override")
     cfg = _build(Config, values, "", source)
@@ -336,7 +352,13 @@ def validate(cfg: Config, source: str) -> None:
     for i, dataset in enumerate(cfg.data.datasets):
         need(bool(dataset.name), f"data.datasets[{i}].name", "is required")
         need("/" not in dataset.name, f"data.datasets[{i}].name", "must not contain '/'")
-        need(bool(dataset.csv), f"data.datasets[{i}].csv", "is required")
+        need(bool(dataset.csv) or bool(dataset.shards), f"data.datasets[{i}].csv", "(or .shards) is required")
+        need(not (dataset.csv and dataset.shards), f"data.datasets[{i}].shards",
+             "and .csv are both given; a dataset reads one of the two")
+        need(dataset.block_rows is None or dataset.block_rows >= 1, f"data.datasets[{i}].block_rows",
+             "must be at least 1")
+        need(not dataset.shards or dataset.shuffle != "rows", f"data.datasets[{i}].shuffle",
+             "must be blocks (or auto) for shards: packed audio is read a block at a time")
         need(dataset.weight > 0, f"data.datasets[{i}].weight", "must be positive")
         need(names.count(dataset.name) == 1, f"data.datasets[{i}].name", f"'{dataset.name}' is used twice")
     need(cfg.data.crop_seconds > 0, "data.crop_seconds", "must be positive")
@@ -345,6 +367,8 @@ def validate(cfg: Config, source: str) -> None:
     need(bool(cfg.data.speed_factors) and all(f > 0 for f in cfg.data.speed_factors), "data.speed_factors",
          "must be a non-empty list of positive factors")
     need(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction", "must be within [0, 1]")
+    need(cfg.data.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be at least 1")
+    need(cfg.data.shard_memory_mb > 0, "data.shard_memory_mb", "must be positive")
     augment = cfg.data.augment
     for key in ("prob", "reverb_prob", "noise_prob"):
         need(0 <= getattr(augment, key) <= 1, f"data.augment.{key}", "must be within [0, 1]")
