@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointSaver, TrainerState, find_checkpoint, read_state, sweep_incomplete
 from .config import (
     Config,
-    OptimConfig,
     flatten,
     load_config,
     save_config,
@@ -39,6 +38,8 @@ from .errors import UserError
 from .features import FeatureExtractor
 from .loss import AAMSoftmax, margin_at
 from .model import EcapaTdnn, build_model
+from .optim import build_optimizer, learning_rate
+from .preflight import check_before_write
 
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -53,26 +54,6 @@ class SpeakerClassifier(torch.nn.Module):
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, margin: float):
         return self.head(self.embedding(feats), labels, margin)
-
-
-def learning_rate(step: int, steps_per_epoch: int, total_steps: int, cfg: OptimConfig) -> float:
-    """LR after `step` optimizer steps: linear warmup, then cosine to `min_lr`, step decay or constant."""
-    warmup = cfg.warmup_epochs * steps_per_epoch
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    if cfg.schedule == "step":
-        return cfg.lr * cfg.decay_gamma ** math.floor(step / (cfg.decay_every_epochs * steps_per_epoch))
-    progress = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
 
 
 def batch_split(global_batch: int, processes: int, max_device_batch: int | None) -> tuple[int, int]:
@@ -175,6 +156,7 @@ def export_run(run_dir: Path, out_dir: Path | None = None, step: int | None = No
 def train(cfg: Config, run_dir: str | Path) -> Path:
     """Train (or resume) the run in `run_dir`; returns the export folder of the finished run."""
     run_dir = Path(run_dir)
+    check_before_write(cfg, run_dir)
     resume_from = _check_run_dir(cfg, run_dir)
     data = build_training_data(cfg, label_map=_load_label_map(run_dir))  # validates before anything is written
     steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
