@@ -183,11 +183,33 @@ def export(
     run_dir: Path = typer.Argument(..., help="Run directory."),
     out_dir: Optional[Path] = typer.Argument(None, help="Export folder (default RUN_DIR/export)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: newest complete)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (features -> embedding)."),
 ) -> None:
     """Write an export folder (model.safetensors + config.json) from a complete checkpoint."""
+    from .encoder import require_onnx, write_onnx
     from .trainer import export_run
 
+    if onnx:
+        require_onnx()  # before anything is written
     typer.echo(export_run(run_dir, out_dir, step))
+    if onnx:
+        typer.echo(write_onnx(out_dir if out_dir is not None else run_dir))
+
+
+@app.command()
+def average(
+    run_dir: Path = typer.Argument(..., help="Run directory (finished or still running)."),
+    last: Optional[int] = typer.Option(None, "--last", help="Average the newest N complete checkpoints."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Average these steps, e.g. 800,900,1000."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export folder (default RUN_DIR/export_avg<N>)."),
+) -> None:
+    """Write an export folder holding the mean of complete checkpoints (default: all of them).
+
+    Parameters and BatchNorm statistics are averaged; num_batches_tracked is the newest checkpoint's.
+    """
+    from .average import average_run, parse_steps
+
+    typer.echo(average_run(run_dir, last=last, steps=parse_steps(steps) if steps is not None else None, out_dir=out))
 
 
 class Peer(str, Enum):

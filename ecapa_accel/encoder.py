@@ -3,13 +3,18 @@
 An export folder holds `model.safetensors` (the ECAPA-TDNN weights) and `config.json`:
 `{"format": "ecapa-accel", "model": {variant, channels, embed_dim}, "features": <FeaturesConfig>,
 "sample_rate": 16000}`, so a model always embeds with the front end it was trained (or converted) with.
+Optional keys: "threshold" (a calibrated cosine decision threshold: `verify` then says same/different) and
+"averaged_steps" (the checkpoints `ecapa-accel average` took the mean of).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 
 import soundfile
@@ -27,6 +32,8 @@ from .model import MIN_FRAMES, EcapaTdnn, build_model
 EXPORT_FORMAT = "ecapa-accel"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 17
 MAX_CHUNK_SECONDS = 300.0  # longer files are embedded in near-equal chunks whose embeddings are averaged
 
 
@@ -37,7 +44,8 @@ class EcapaEncoder(nn.Module):
     call `.eval()` before embedding. `from_pretrained` returns an encoder in eval mode.
     """
 
-    def __init__(self, model: EcapaTdnn, features: FeaturesConfig, sample_rate: int = 16000):
+    def __init__(self, model: EcapaTdnn, features: FeaturesConfig, sample_rate: int = 16000, *,
+                 threshold: float | None = None, averaged_steps: list[int] | None = None):
         super().__init__()
         if features.n_mels != model.n_mels:
             raise ValueError(f"features.n_mels={features.n_mels} but the model takes {model.n_mels} mels")
@@ -45,6 +53,8 @@ class EcapaEncoder(nn.Module):
         self.front_end = FeatureExtractor(features, sample_rate)
         self.features = features
         self.sample_rate = sample_rate
+        self.threshold = threshold  # cosine score at or above which two utterances are the same speaker
+        self.averaged_steps = averaged_steps  # the checkpoints whose mean these weights are
 
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         return self.model(self.front_end(waves))
@@ -76,8 +86,34 @@ class EcapaEncoder(nn.Module):
             "features": dataclasses.asdict(self.features),
             "sample_rate": self.sample_rate,
         }
+        if self.threshold is not None:
+            config["threshold"] = self.threshold
+        if self.averaged_steps is not None:
+            config["averaged_steps"] = self.averaged_steps
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         return out_dir
+
+    def to_onnx(self, path: str | Path) -> Path:
+        """Write the embedding network as ONNX: input "features" (batch, frames, n_mels) float32, output
+        "embedding" (batch, embed_dim); batch and frames are dynamic. The front end is not in the graph: compute
+        features as `config.json`'s "features" describe (`encoder.front_end` does it in PyTorch).
+
+        Uses torch's TorchScript-based exporter (`dynamo=False`): the torch.export-based default needs the
+        onnxscript package, and the TorchScript one handles this network's dynamic frame axis exactly.
+        """
+        onnx = require_onnx()
+        path = Path(path)
+        model = copy.deepcopy(self.model).cpu().eval()
+        example = torch.zeros(2, 200, model.n_mels)  # shapes only: both axes are exported as dynamic
+        temporary = path.with_name(f".{path.name}.tmp")
+        with warnings.catch_warnings():  # the exporter's deprecation and constant-folding notices
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(temporary), input_names=["features"],
+                              output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
+                              dynamic_axes={"features": {0: "batch", 1: "frames"}, "embedding": {0: "batch"}})
+        onnx.checker.check_model(str(temporary))
+        os.replace(temporary, path)  # a kill leaves no half-written model.onnx
+        return path
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> EcapaEncoder:
@@ -91,7 +127,8 @@ class EcapaEncoder(nn.Module):
             raise UserError(f"{config_path}: 'sample_rate' must be a positive integer, got {sample_rate!r}")
         model = build_model(cfg.model, cfg.features.n_mels)
         model.load_state_dict(_read_weights(weights_path, model))
-        return cls(model, cfg.features, sample_rate).eval()
+        return cls(model, cfg.features, sample_rate, threshold=values.get("threshold"),
+                   averaged_steps=values.get("averaged_steps")).eval()
 
 
 def export_folder(model_dir: Path) -> Path:
@@ -106,6 +143,24 @@ def export_folder(model_dir: Path) -> Path:
                     "with export/")
 
 
+def require_onnx():
+    """The `onnx` module, or a UserError saying how to install the extra."""
+    try:
+        import onnx
+    except ImportError:
+        raise UserError("ONNX export needs the onnx extra: pip install 'ecapa-accel[onnx]'") from None
+    return onnx
+
+
+def write_onnx(model_dir: str | Path) -> str:
+    """`ecapa-accel export --onnx`: add model.onnx to an export folder (or to a run directory's export/)."""
+    folder = export_folder(Path(model_dir))
+    encoder = EcapaEncoder.from_pretrained(folder)
+    path = encoder.to_onnx(folder / ONNX_FILE)
+    model = encoder.model
+    return f"wrote {path}: features (batch, frames, {model.n_mels}) -> embedding (batch, {model.embed_dim})"
+
+
 def _read_export_config(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing (an export folder holds {WEIGHTS_FILE} and {CONFIG_FILE})")
@@ -118,9 +173,15 @@ def _read_export_config(path: Path) -> dict:
     for key in ("model", "features", "sample_rate"):
         if key not in values:
             raise UserError(f"{path}: missing key '{key}'")
-    unknown = sorted(set(values) - {"format", "model", "features", "sample_rate"})
+    unknown = sorted(set(values) - {"format", "model", "features", "sample_rate", "threshold", "averaged_steps"})
     if unknown:
         raise UserError(f"{path}: unknown key '{unknown[0]}'")
+    threshold = values.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise UserError(f"{path}: 'threshold' must be a number (a cosine score), got {threshold!r}")
+    steps = values.get("averaged_steps")
+    if steps is not None and not (isinstance(steps, list) and all(type(step) is int for step in steps)):
+        raise UserError(f"{path}: 'averaged_steps' must be a list of step numbers, got {steps!r}")
     return values
 
 
