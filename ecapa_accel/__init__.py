@@ -4,6 +4,8 @@ Heavy modules (torch, accelerate, datasets) load on first use, so that `import e
 `--help` stay fast.
 """
 
+import sys
+import types
 from importlib import import_module
 
 from .config import Config, load_config
@@ -35,5 +37,23 @@ def __getattr__(name: str):
     if name not in _LAZY:
         raise AttributeError(f"module 'ecapa_accel' has no attribute '{name}'")
     value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
+    if name != "train":  # served by the _Package property below
+        globals()[name] = value
     return value
+
+
+class _Package(types.ModuleType):
+    """Keeps `ecapa_accel.train` the training function: importing the entry module `ecapa_accel.train` (what
+    `accelerate launch -m ecapa_accel.train` runs) would otherwise rebind the package attribute to the module."""
+
+    @property
+    def train(self):
+        return __getattr__("train")
+
+    @train.setter
+    def train(self, value):
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("ecapa_accel.train is the training function")
+
+
+sys.modules[__name__].__class__ = _Package

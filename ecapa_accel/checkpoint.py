@@ -1,26 +1,32 @@
-"""Checkpoint policy: when to save, how to save atomically, which checkpoints are complete, what to prune.
+"""Checkpoint policy: when to save, how to save atomically, which checkpoints are intact, what to prune.
 
 A checkpoint is `accelerator.save_state` written into `checkpoints/.step_<N>.tmp`, completed by our
-`trainer_state.json` (the data position and counters), flushed to disk, then renamed to `checkpoints/step_<N>`.
-A rename is atomic, so a kill at any instant leaves either the old set of complete checkpoints or the new one;
-dot-prefixed folders are never loaded and are swept away by the next run.
+`trainer_state.json` (the data position and counters, plus the size and sha256 of every file beside it),
+flushed to disk, then renamed to `checkpoints/step_<N>`. A rename is atomic, so a kill at any instant leaves
+either the old set of complete checkpoints or the new one; dot-prefixed folders are never loaded and are swept
+away by the next run. Before a checkpoint is loaded (resume, status, export) its files are verified against the
+recorded sizes and checksums, so a damaged newest checkpoint is skipped for the newest intact one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .rundir import CHECKPOINTS, EXPORT, RunDir, fsync_dir, fsync_tree
 
 STATE_FILE = "trainer_state.json"
-_COMPLETE = re.compile(r"^step_(\d+)$")
+_NAME = re.compile(r"^step_(\d+)$")
+# What accelerate's save_state writes for one model + optimizer + scheduler (legacy checkpoints have no file list).
+_REQUIRED = ("model.safetensors", "optimizer.bin", "scheduler.bin")
 
 
 @dataclass
@@ -30,91 +36,170 @@ class TrainerState:
     step: int = 0  # optimizer steps completed
     epoch: int = 0  # current epoch of the mixed stream
     position: int = 0  # samples of the current epoch already consumed
-    samples_seen: int = 0
     bad_files: int = 0  # unreadable files replaced so far
-    world_size: int = 1  # process count that wrote the checkpoint
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     best_eer: float | None = None
+    best_step: int | None = None
     finished: bool = False
+    # The LR schedule's horizon and, once a resume changed it, the (step, lr) the curve was re-planned from.
+    horizon: int = 0
+    lr_anchor: list[float] = field(default_factory=list)
+
+    def advance(self, batch_size: int, samples_per_epoch: int, total_steps: int) -> bool:
+        """Count one optimizer step over `batch_size` samples; True when it ended the epoch."""
+        self.step += 1
+        self.position += batch_size
+        end_of_epoch = self.position + batch_size > samples_per_epoch
+        if end_of_epoch:
+            self.epoch += 1
+            self.position = 0
+        self.finished = self.step >= total_steps
+        return end_of_epoch
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints (`step_<N>` holding a trainer state), oldest first."""
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = _COMPLETE.match(path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
-
-
-def find_checkpoint(run_dir: Path, step: int | None = None) -> Path | None:
-    """The newest complete checkpoint, or the one for `step` (UserError if that one is not complete)."""
-    checkpoints = complete_checkpoints(run_dir)
-    if step is None:
-        return checkpoints[-1] if checkpoints else None
-    for path in checkpoints:
-        if path.name == f"step_{step}":
-            return path
-    available = ", ".join(p.name for p in checkpoints) or "none"
-    raise UserError(f"{checkpoints_dir(run_dir)}: no complete checkpoint step_{step} (complete: {available})")
+def _state_from_json(values, source: Path) -> TrainerState:
+    """A TrainerState from parsed JSON, every field type-checked (a damaged file must not half-load)."""
+    if not isinstance(values, dict):
+        raise ValueError("not a JSON object")
+    hints = {f.name: f.type for f in dataclasses.fields(TrainerState)}
+    kwargs = {}
+    for name, value in values.items():
+        if name == "files":
+            continue
+        if name not in hints:
+            continue  # written by another version; not needed to resume
+        expected = {"int": int, "bool": bool, "float | None": (float, int, type(None)),
+                    "int | None": (int, type(None)), "list[float]": list}[hints[name]]
+        if isinstance(value, bool) and expected is int or not isinstance(value, expected):
+            raise ValueError(f"'{name}' has the wrong type ({type(value).__name__})")
+        kwargs[name] = value
+    for name in ("step", "epoch", "position"):
+        if name not in kwargs or kwargs[name] < 0:
+            raise ValueError(f"'{name}' is missing or negative")
+    return TrainerState(**kwargs)
 
 
 def read_state(checkpoint: Path) -> TrainerState:
-    values = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    return TrainerState(**values)
+    """The trainer state of a checkpoint (ValueError/OSError when it is damaged)."""
+    return _state_from_json(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")), checkpoint)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _file_list(folder: Path) -> dict[str, dict]:
+    return {str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE}
+
+
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint folder (None when it is intact): the file and the problem."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        values = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+        _state_from_json(values, checkpoint)
+    except FileNotFoundError:
+        return f"{STATE_FILE} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as error:
+        return f"{STATE_FILE} is unreadable ({error})"
+    files = values.get("files")
+    if files is None:  # written before checkpoints listed their files
+        missing = [name for name in _REQUIRED if not (checkpoint / name).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict):
+        return f"{STATE_FILE} is unreadable (bad file list)"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected.get("size"):
+            return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {expected.get('size')})"
+        if _sha256(path) != expected.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def _step_folders(run: RunDir) -> list[tuple[int, Path]]:
+    if not run.checkpoints.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in run.checkpoints.iterdir() if (m := _NAME.match(path.name))]
+    return sorted(found)
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints whose write completed (`step_<N>` holding a trainer state), oldest first; not verified."""
+    return [path for _, path in _step_folders(RunDir(run_dir)) if (path / STATE_FILE).is_file()]
+
+
+def find_checkpoint(run_dir: Path, step: int | None = None, on_damaged=None) -> Path | None:
+    """The newest intact checkpoint, or the one for `step` (UserError if it is absent or damaged).
+
+    Damaged checkpoints met on the way are reported through `on_damaged(message)` and skipped; when folders
+    exist but none is intact, that is a UserError naming the damage.
+    """
+    folders = _step_folders(RunDir(run_dir))
+    if step is not None:
+        for number, path in folders:
+            if number == step:
+                problem = damage(path)
+                if problem:
+                    raise UserError(f"{path}: damaged checkpoint: {problem}")
+                return path
+        available = ", ".join(path.name for _, path in folders) or "none"
+        raise UserError(f"{RunDir(run_dir).checkpoints}: no checkpoint step_{step} (present: {available})")
+    problems = []
+    for _, path in reversed(folders):
+        problem = damage(path)
+        if problem is None:
+            return path
+        problems.append(f"{path}: damaged checkpoint skipped: {problem}")
+        if on_damaged is not None:
+            on_damaged(problems[-1])
+    if problems:
+        raise UserError(f"{problems[0]}; no intact checkpoint is left (start a new --run-dir, or repair it)")
+    return None
 
 
 def sweep_incomplete(run_dir: Path) -> None:
     """Remove what a killed run left half-written (dot-prefixed folders)."""
-    folder = checkpoints_dir(run_dir)
-    if folder.is_dir():
-        for path in folder.iterdir():
+    run = RunDir(run_dir)
+    if run.checkpoints.is_dir():
+        for path in run.checkpoints.iterdir():
             if path.name.startswith("."):
                 shutil.rmtree(path, ignore_errors=True)
 
 
 class CheckpointSaver:
-    """Decides when to checkpoint (every N steps, every M minutes) and saves atomically, keeping the newest K."""
+    """Owns *when* to checkpoint (every N steps, every M minutes, end of epoch, end of run, stop request), how
+    (atomically, keeping the newest K) and the best-model policy (lowest validation EER so far)."""
 
     def __init__(self, accelerator, run_dir: Path, every_steps: int, every_minutes: float, keep: int):
         self.accelerator = accelerator
-        self.folder = checkpoints_dir(run_dir)
+        self.folder = RunDir(run_dir).checkpoints
         self.every_steps = every_steps
         self.every_seconds = every_minutes * 60
         self.keep = keep
         self.last_save_time = time.monotonic()
 
-    def due_by_steps(self, step: int) -> bool:
-        return self.every_steps > 0 and step % self.every_steps == 0
-
     def due_by_time(self) -> bool:
+        """This process's clock says a timed checkpoint is due (processes agree on it before acting)."""
         return self.every_seconds > 0 and time.monotonic() - self.last_save_time >= self.every_seconds
+
+    def should_save(self, state: TrainerState, end_of_epoch: bool, time_due: bool, stop_requested: bool) -> bool:
+        by_steps = self.every_steps > 0 and state.step % self.every_steps == 0
+        return by_steps or time_due or end_of_epoch or state.finished or stop_requested
+
+    @staticmethod
+    def is_new_best(state: TrainerState, eer: float) -> bool:
+        """Record a validation result; True when it is the best so far (keep_best then exports it)."""
+        if state.best_eer is not None and eer >= state.best_eer:
+            return False
+        state.best_eer, state.best_step = eer, state.step
+        return True
 
     def save(self, state: TrainerState) -> Path:
         """Collective: every process calls it. Returns the complete checkpoint folder."""
@@ -128,12 +213,13 @@ class CheckpointSaver:
         accelerator.save_state(str(temporary))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (temporary / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state)), encoding="utf-8")
-            _fsync_tree(temporary)
+            record = {**dataclasses.asdict(state), "files": _file_list(temporary)}
+            (temporary / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
+            fsync_tree(temporary)
             # Only a folder without a trainer state (never loaded) can stand here: it must not block the rename.
             shutil.rmtree(final, ignore_errors=True)
             os.rename(temporary, final)
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
             for old in complete_checkpoints(self.folder.parent)[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
@@ -142,16 +228,24 @@ class CheckpointSaver:
 
 
 def run_status(run_dir: Path) -> dict:
-    """`ecapa-accel status`: newest complete checkpoint's step and epoch, all complete checkpoints, finished flag."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    checkpoints = complete_checkpoints(run_dir)
-    state = read_state(checkpoints[-1]) if checkpoints else TrainerState()
+    """`ecapa-accel status`: newest intact checkpoint's step and epoch, intact checkpoints, finished flag."""
+    run = RunDir(run_dir)
+    run.require_run()
+    damaged = []
+    newest = find_checkpoint(run.path, on_damaged=damaged.append)
+    state = read_state(newest) if newest else TrainerState()
+    intact = [path.name for path in complete_checkpoints(run.path) if damage(path) is None]
+    export = run.path / EXPORT
     return {
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
         "step": state.step,
         "epoch": state.epoch,
-        "checkpoints": [path.name for path in checkpoints],
+        "checkpoints": intact,
         "finished": state.finished,
+        "damaged": damaged,
+        "export": (export / "model.safetensors").is_file() and (export / "config.json").is_file(),
     }
+
+
+__all__ = ["CHECKPOINTS", "CheckpointSaver", "TrainerState", "complete_checkpoints", "damage", "find_checkpoint",
+           "read_state", "run_status", "sweep_incomplete"]

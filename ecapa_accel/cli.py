@@ -13,7 +13,8 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from .exits import exit_with_status
+from .train import main as train_entry
 
 app = typer.Typer(
     help="Train ECAPA-TDNN speaker embeddings on several datasets with Hugging Face accelerate; "
@@ -35,17 +36,9 @@ def _print_json(obj) -> None:
     typer.echo(json.dumps(obj))
 
 
-@app.command()
-def train(
-    config: Path = typer.Argument(..., help="YAML config (see recipes/)."),
-    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory; a run already there is resumed."),
-    overrides: Optional[List[str]] = OVERRIDES,
-) -> None:
-    """Train in this process (use `accelerate launch -m ecapa_accel.train` for several processes)."""
-    from .config import load_config
-    from .trainer import train as train_run
-
-    train_run(load_config(config, overrides), run_dir)
+# The same command as `accelerate launch -m ecapa_accel.train`, run in this process.
+app.command("train", help="Train in this process (use `accelerate launch -m ecapa_accel.train` for several "
+            "processes); a run directory that holds a run is resumed.")(train_entry)
 
 
 @app.command()
@@ -248,11 +241,7 @@ def demo(out_dir: Path = typer.Argument(Path("ecapa-demo"), help="Where the demo
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        app(args=argv, prog_name="ecapa-accel")
-    except UserError as error:
-        typer.echo(f"error: {error}", err=True)
-        sys.exit(2)
+    exit_with_status(lambda: app(args=argv, prog_name="ecapa-accel"))
 
 
 if __name__ == "__main__":

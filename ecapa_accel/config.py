@@ -20,11 +20,10 @@ import yaml
 
 from .errors import UserError
 
-INIT_FORMATS = ("3dspeaker", "wespeaker", "speechbrain")  # peers whose checkpoints `model.init_from` reads
-
 RES2_SCALE = 8  # channel groups in each Res2 convolution of the model: `model.channels` must divide by it
 MIN_SAMPLE_RATE = 8000  # telephone speech; below it the 20 Hz - Nyquist mel filterbank has nothing to hold
 MAX_SEED = 2**32 - 1  # numpy's seed range
+INIT_FORMATS = ("3dspeaker", "wespeaker", "speechbrain")  # peers whose checkpoints `model.init_from` reads
 
 
 def _choice(default: str, *choices: str):
@@ -136,6 +135,8 @@ class TrainConfig:
     checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 3
     log_every_steps: int = 10
+    # Optimizer steps in a row allowed to have a non-finite loss or gradient (each is skipped) before the run fails.
+    max_nonfinite_steps: int = 5
 
 
 @dataclass
@@ -169,6 +170,7 @@ SAFE_RESUME_KEYS = (
     "train.keep_checkpoints",
     "train.log_every_steps",
     "train.max_device_batch_size",
+    "train.max_nonfinite_steps",
     "data.num_workers",
     "data.max_bad_fraction",
     "data.shard_memory_mb",
@@ -337,8 +339,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return config_from_dict(values, str(path), overrides, base=path.resolve().parent)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+def config_text(cfg: Config) -> str:
+    """The YAML text of a resolved config (RUN_DIR/config.yaml; the run directory module writes it)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def validate(cfg: Config, source: str) -> None:
@@ -420,6 +423,7 @@ def validate(cfg: Config, source: str) -> None:
     need(cfg.train.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0 (0 disables)")
     need(cfg.train.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes", "must be >= 0 (0 disables)")
     need(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1")
+    need(cfg.train.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "must be >= 0")
     need(cfg.train.log_every_steps >= 1, "train.log_every_steps", "must be at least 1")
     need(cfg.eval.every_steps >= 0, "eval.every_steps", "must be >= 0")
     need(cfg.eval.batch_seconds > 0, "eval.batch_seconds", "must be positive")

@@ -1,4 +1,4 @@
-"""The training loop: build -> prepare -> loop (accumulate, step, log, checkpoint) -> export.
+"""The training loop: build -> prepare -> loop (accumulate, step, log, checkpoint) -> finish.
 
 Run it with `accelerate launch -m ecapa_accel.train CONFIG --run-dir DIR [KEY=VALUE ...]` (the entry module
 `train.py` calls this one) or `ecapa-accel train ...` (same code, one process). A run directory that already
@@ -10,11 +10,14 @@ position, which is what makes resume exact (also mid-epoch and with a different 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -24,24 +27,18 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointSaver, TrainerState, find_checkpoint, read_state, sweep_incomplete
-from .config import (
-    Config,
-    flatten,
-    load_config,
-    save_config,
-    to_dict,
-    unsafe_resume_changes,
-)
+from .config import Config, config_text, flatten, load_config, to_dict, unsafe_resume_changes
 from .data import build_training_data
 from .encoder import EcapaEncoder
-from .errors import UserError
+from .errors import Preempted, UserError
 from .features import FeatureExtractor
 from .loss import AAMSoftmax, margin_at
 from .model import EcapaTdnn, build_model
 from .optim import build_optimizer, learning_rate
 from .preflight import check_before_write
+from .rundir import RunDir, atomic_folder, write_export_step
 
-EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class SpeakerClassifier(torch.nn.Module):
@@ -69,284 +66,365 @@ def batch_split(global_batch: int, processes: int, max_device_batch: int | None)
     return per_process // accumulation, accumulation
 
 
-def _check_run_dir(cfg: Config, run_dir: Path) -> Path | None:
+def _say(message: str) -> None:
+    """One stderr line per node (every process of a job runs the same checks before the Accelerator exists)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
+
+
+def _manifest_fingerprints(cfg: Config) -> dict[str, str]:
+    """sha256 of each dataset's manifest file: a manifest changed under a run cannot resume exactly."""
+    prints = {}
+    for dataset in cfg.data.datasets:
+        source = Path(getattr(dataset, "csv", "") or getattr(dataset, "shards", ""))
+        if source.is_file():
+            prints[str(source)] = hashlib.sha256(source.read_bytes()).hexdigest()
+    return prints
+
+
+def _check_run_dir(cfg: Config, run: RunDir) -> Path | None:
     """Refuse incompatible reuse of a run directory; return the checkpoint to resume from, if any."""
-    saved = run_dir / "config.yaml"
-    checkpoint = find_checkpoint(run_dir)
-    if not saved.is_file():
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"{run.path}: --run-dir exists and is not a directory")
+    checkpoint = find_checkpoint(run.path, on_damaged=_say)
+    if not run.is_run():
         if checkpoint is not None:
-            raise UserError(f"{run_dir}: holds checkpoints but no config.yaml; cannot resume it")
+            raise UserError(f"{run.path}: holds checkpoints but no config.yaml; cannot resume it")
         return None
-    previous = _run_config(run_dir)
-    changed = unsafe_resume_changes(previous, cfg)
+    changed = unsafe_resume_changes(_run_config(run), cfg)
     if changed:
-        raise UserError(f"{saved}: the run was started with a different '{changed[0]}'"
+        raise UserError(f"{run.config}: the run was started with a different '{changed[0]}'"
                         f" ({len(changed)} incompatible key(s)); use a new --run-dir")
+    recorded = run.read_fingerprints()
+    for csv, digest in _manifest_fingerprints(cfg).items():
+        if recorded.get(csv, digest) != digest:
+            raise UserError(f"{csv}: the manifest changed since the run started; an exact resume needs the same "
+                            "rows (restore it, or start a new --run-dir)")
+    if checkpoint is None:
+        _say(f"{run.path}: no complete checkpoint yet; starting at step 0")
     return checkpoint
 
 
-def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+def _run_config(run: RunDir, overrides: list[str] | None = None) -> Config:
     """The resolved config a run was started with (RUN_DIR/config.yaml holds absolute paths), plus overrides."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
-    return load_config(saved, overrides)
+    run.require_run()
+    return load_config(run.config, overrides)
 
 
-def _load_label_map(run_dir: Path) -> dict[str, int] | None:
-    path = run_dir / "speakers.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+def _build_accelerator(cfg: Config, run: RunDir) -> Accelerator:
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != cfg.train.mixed_precision and os.environ.get("LOCAL_RANK", "0") == "0":
+        _say(f"train.mixed_precision={cfg.train.mixed_precision} (config) is used; the launcher's "
+             f"mixed precision '{launcher}' is ignored")
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,  # the YAML decides: it is part of the run's resolved config
+        step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not micro-steps
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run.path), logging_dir=str(run.logs)),
+    )
 
 
-class _StopRequest:
-    """Remembers SIGTERM/SIGINT so the loop can finish the current step, checkpoint and exit."""
+def _write_run_files(cfg: Config, run: RunDir, label_map: dict[str, int]) -> None:
+    run.write_config_text(config_text(cfg))
+    if run.read_label_map() is None:
+        run.write_label_map(label_map)
+    if not run.read_fingerprints():
+        run.write_fingerprints(_manifest_fingerprints(cfg))
+    sweep_incomplete(run.path)
+
+
+class StopRequest:
+    """Remembers SIGTERM/SIGINT so the loop can finish the current step, checkpoint and stop; restores the
+    caller's handlers on exit."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in EXIT_CODES:
-            signal.signal(sig, self._handle)
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
-    def restore(self) -> None:
-        for sig in EXIT_CODES:
-            signal.signal(sig, signal.SIG_DFL)
+        self.signal = self.signal or signum
 
 
-def _append_metrics(run_dir: Path, record: dict) -> None:
-    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+class WindowMeter:
+    """Loss, accuracy and throughput averaged over the micro-batches since the last log line."""
+
+    def __init__(self):
+        self.loss, self.accuracy, self.micro_batches, self.samples, self.steps = 0.0, 0.0, 0, 0, 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, accuracy: torch.Tensor, samples: int) -> None:
+        self.loss += loss.detach().float()
+        self.accuracy += accuracy.detach().float()
+        self.micro_batches += 1
+        self.samples += samples
+
+    def record(self, state: TrainerState, lr: float, margin: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        return {"type": "train", "step": state.step, "epoch": state.epoch,
+                "loss": float(self.loss) / self.micro_batches, "acc": float(self.accuracy) / self.micro_batches,
+                "lr": lr, "margin": margin, "samples_per_s": self.samples / elapsed,
+                "samples_per_step": self.samples // self.steps, "bad_files": state.bad_files,
+                "skipped_steps": state.skipped_steps, "time": time.time()}
 
 
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop records that the killed run logged after the checkpoint it resumes from."""
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path) -> Path:
-    EcapaEncoder(embedding, cfg.features, cfg.data.sample_rate).save_pretrained(out_dir)
+def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path, step: int | None = None) -> Path:
+    """Write an export folder atomically: a crash leaves the previous export or the new one, never a torn one.
+    `step`, when given, is recorded inside it (the training step whose weights it holds)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_folder(out_dir) as temporary:
+        EcapaEncoder(embedding, cfg.features, cfg.data.sample_rate).save_pretrained(temporary)
+        if step is not None:
+            write_export_step(temporary, step)
     return out_dir
 
 
 def export_run(run_dir: Path, out_dir: Path | None = None, step: int | None = None) -> str:
-    """`ecapa-accel export`: write an export folder from a complete checkpoint (default: the newest)."""
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
-    checkpoint = find_checkpoint(run_dir, step)
+    """`ecapa-accel export`: write an export folder from an intact checkpoint (default: the newest)."""
+    run = RunDir(run_dir)
+    cfg = _run_config(run)
+    checkpoint = find_checkpoint(run.path, step, on_damaged=_say)
     if checkpoint is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to export")
+        raise UserError(f"{run.path}: no complete checkpoint to export")
     weights = load_file(str(checkpoint / "model.safetensors"))
     embedding = build_model(cfg.model, cfg.features.n_mels)
     embedding.load_state_dict({k.removeprefix("embedding."): v for k, v in weights.items() if k.startswith("embedding.")})
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out_dir = Path(out_dir) if out_dir is not None else run.export
     export_model(embedding, cfg, out_dir)
     return f"exported {checkpoint.name} to {out_dir}"
 
 
 def train(cfg: Config, run_dir: str | Path) -> Path:
-    """Train (or resume) the run in `run_dir`; returns the export folder of the finished run."""
-    run_dir = Path(run_dir)
-    check_before_write(cfg, run_dir)
-    resume_from = _check_run_dir(cfg, run_dir)
-    data = build_training_data(cfg, label_map=_load_label_map(run_dir))  # validates before anything is written
+    """Train (or resume) the run in `run_dir`; returns the export folder of the finished run.
+
+    Raises `Preempted` after checkpointing when SIGTERM/SIGINT asked the run to stop."""
+    run = RunDir(run_dir)
+    check_before_write(cfg, run.path)
+    resume_from = _check_run_dir(cfg, run)
+    data = build_training_data(cfg, label_map=run.read_label_map())  # validates before anything is written
     steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"data: one epoch holds {data.samples_per_epoch} samples, fewer than "
                         f"train.batch_size={cfg.train.batch_size}")
-
-    # ---- build
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        step_scheduler_with_optimizer=False,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
-    )
-    micro_batch, accelerator.gradient_accumulation_steps = batch_split(
-        cfg.train.batch_size, accelerator.num_processes, cfg.train.max_device_batch_size
-    )
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "speakers.json").is_file():
-            (run_dir / "speakers.json").write_text(json.dumps(data.label_map, indent=0, sort_keys=True),
-                                                   encoding="utf-8")
-        sweep_incomplete(run_dir)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.train.seed)
-
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
 
-    front_end = FeatureExtractor(cfg.features, cfg.data.sample_rate).to(accelerator.device)
-    embedding = build_model(cfg.model, cfg.features.n_mels)
-    head = AAMSoftmax(cfg.model.embed_dim, data.num_classes, cfg.loss.scale, cfg.loss.margin, cfg.loss.easy_margin)
-    net = SpeakerClassifier(embedding, head)
-    optimizer = build_optimizer(net.parameters(), cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate(step, steps_per_epoch, total_steps, cfg.optim) / cfg.optim.lr
-    )
-
-    # ---- prepare
-    net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    state = TrainerState(world_size=accelerator.num_processes)
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = read_state(resume_from)
-        state.world_size = accelerator.num_processes
+    with ExitStack() as cleanup:
+        # ---- build
+        accelerator = _build_accelerator(cfg, run)
+        cleanup.callback(accelerator.end_training)  # trackers closed on every path; runs after the loop's waits
+        # The split needs the process count, which only the Accelerator knows (PartialState ignores ACCELERATE_USE_CPU).
+        micro_batch, accelerator.gradient_accumulation_steps = batch_split(
+            cfg.train.batch_size, accelerator.num_processes, cfg.train.max_device_batch_size
+        )
         if accelerator.is_main_process:
-            _truncate_metrics(run_dir, state.step)
-    state.finished = state.step >= total_steps
-    saver = CheckpointSaver(accelerator, run_dir, cfg.train.checkpoint_every_steps,
-                            cfg.train.checkpoint_every_minutes, cfg.train.keep_checkpoints)
-    accelerator.init_trackers("train", config={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
-    stop = _StopRequest()
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="train", unit="step", dynamic_ncols=True)
-    if resume_from is not None and accelerator.is_local_main_process:  # tqdm.write ignores `disable`
-        progress.write(f"resumed from {resume_from} (epoch {state.epoch}, sample {state.position})", file=sys.stderr)
+            _write_run_files(cfg, run, data.label_map)
+        accelerator.wait_for_everyone()
+        set_seed(cfg.train.seed)
+        front_end = FeatureExtractor(cfg.features, cfg.data.sample_rate).to(accelerator.device)
+        net = SpeakerClassifier(
+            build_model(cfg.model, cfg.features.n_mels),
+            AAMSoftmax(cfg.model.embed_dim, data.num_classes, cfg.loss.scale, cfg.loss.margin, cfg.loss.easy_margin),
+        )
+        optimizer = build_optimizer(net.parameters(), cfg.optim)
+        state = read_state(resume_from) if resume_from is not None else TrainerState(horizon=total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(
+            step, steps_per_epoch, state.horizon, cfg.optim, state.lr_anchor) / cfg.optim.lr)
 
-    # ---- loop
-    net.train()
-    window_loss, window_acc, window_micro, window_start = 0.0, 0.0, 0, time.perf_counter()
-    while not state.finished and stop.signal is None:
-        batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
-                               accelerator.num_processes, cfg.data.num_workers)
-        step_bad = 0
-        for batch in batches:
-            waves = batch["waves"].to(accelerator.device, non_blocking=True)
-            labels = batch["labels"].to(accelerator.device, non_blocking=True)
-            step_bad += int(batch["bad"].sum())
-            with accelerator.accumulate(net):
-                with torch.no_grad():
-                    feats = front_end(waves)
-                loss, accuracy = net(feats, labels, margin_at(state.step, steps_per_epoch, cfg.loss))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.optim.grad_clip > 0:
-                    accelerator.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad()
-            window_loss += loss.detach().float()
-            window_acc += accuracy.detach().float()
-            window_micro += 1
-            if not accelerator.sync_gradients:
-                continue
+        # ---- prepare
+        net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from))
+            accelerator.step = 0  # micro-step counter: restart on an optimizer-step boundary (accumulation may differ)
+            if accelerator.is_main_process:
+                run.truncate_metrics(state.step)
+            _replan_horizon(accelerator, run, state, total_steps, cfg.optim.warmup_epochs * steps_per_epoch,
+                            scheduler)
+        state.finished = state.step >= total_steps
+        saver = CheckpointSaver(accelerator, run.path, cfg.train.checkpoint_every_steps,
+                                cfg.train.checkpoint_every_minutes, cfg.train.keep_checkpoints)
+        accelerator.init_trackers("train", config={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
+        stop = cleanup.enter_context(StopRequest())
+        progress = cleanup.enter_context(tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
+                                              disable=not accelerator.is_local_main_process, dynamic_ncols=True))
+        if resume_from is not None and accelerator.is_local_main_process:  # tqdm.write ignores `disable`
+            progress.write(f"resumed from {resume_from} (epoch {state.epoch}, sample {state.position})",
+                           file=sys.stderr)
 
-            # ---- one optimizer step done
-            scheduler.step()
-            state.step += 1
-            state.position += cfg.train.batch_size
-            state.samples_seen += cfg.train.batch_size
-            end_of_epoch = state.position + cfg.train.batch_size > data.samples_per_epoch
-            if end_of_epoch:
-                state.epoch += 1
-                state.position = 0
-            state.finished = state.step >= total_steps
-            # All processes agree on stopping, time-based checkpoints and the bad-file count.
-            agreed = torch.tensor([step_bad, stop.signal is not None, saver.due_by_time()],
-                                  dtype=torch.int64, device=accelerator.device)
-            agreed = accelerator.reduce(agreed, reduction="sum").tolist()
-            state.bad_files += agreed[0]
-            step_bad = 0
-            if agreed[1] and stop.signal is None:
-                stop.signal = signal.SIGTERM
-            progress.update(1)
+        # ---- loop
+        net.train()
+        meter, step_bad, nonfinite_in_a_row = WindowMeter(), 0, 0
+        while not state.finished and stop.signal is None:
+            batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
+                                   accelerator.num_processes, cfg.data.num_workers)
+            steps_before = state.step
+            for batch in batches:
+                waves = batch["waves"].to(accelerator.device, non_blocking=True)
+                labels = batch["labels"].to(accelerator.device, non_blocking=True)
+                step_bad += int(batch["bad"].sum())
+                with accelerator.accumulate(net):
+                    with torch.no_grad():
+                        feats = front_end(waves)
+                    loss, accuracy = net(feats, labels, margin_at(state.step, steps_per_epoch, cfg.loss))
+                    accelerator.backward(loss)
+                    finite = _gradients_finite(accelerator, net, cfg.optim.grad_clip)
+                    if finite or accelerator.scaler is not None:  # fp16: the GradScaler skips and rescales itself
+                        optimizer.step()
+                    optimizer.zero_grad()
+                meter.add(loss, accuracy, len(labels) * accelerator.num_processes)
+                if not accelerator.sync_gradients:
+                    continue
 
-            if state.step % cfg.train.log_every_steps == 0 or state.finished:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "type": "train", "step": state.step, "epoch": state.epoch,
-                    "loss": window_loss.item() / window_micro, "acc": window_acc.item() / window_micro,
-                    "lr": scheduler.get_last_lr()[0], "margin": margin_at(state.step, steps_per_epoch, cfg.loss),
-                    "samples_per_s": window_micro * micro_batch * accelerator.num_processes / elapsed,
-                    "bad_files": state.bad_files, "time": time.time(),
-                }
-                _log(accelerator, run_dir, record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                                     lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
-                window_loss, window_acc, window_micro, window_start = 0.0, 0.0, 0, time.perf_counter()
-            _check_bad_fraction(state, data.samples_per_epoch, cfg.data.max_bad_fraction)
+                # ---- one optimizer step done (or skipped for a non-finite value)
+                scheduler.step()
+                meter.steps += 1
+                batch_epoch = state.epoch
+                end_of_epoch = state.advance(cfg.train.batch_size, data.samples_per_epoch, total_steps)
+                bad_files, stop_requested, time_due = _agree(accelerator, step_bad, stop.signal, saver.due_by_time())
+                state.bad_files += bad_files
+                step_bad = 0
+                stop.signal = stop.signal or (signal.SIGTERM if stop_requested else None)
+                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+                state.skipped_steps += not finite
+                _check_nonfinite(nonfinite_in_a_row, state, cfg, data.paths_at(batch_epoch, batch["index"].tolist()))
+                progress.update(1)
 
-            evaluate_now = cfg.eval.trials and (
-                end_of_epoch or state.finished
-                or (cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)
-            )
-            if evaluate_now:
-                _validate(accelerator, net, cfg, run_dir, state)
-            if (saver.due_by_steps(state.step) or agreed[2] or end_of_epoch or state.finished
-                    or stop.signal is not None):
-                saver.save(state)
-            if end_of_epoch or state.finished or stop.signal is not None:
-                break
-        del batches
+                if state.step % cfg.train.log_every_steps == 0 or state.finished:
+                    record = meter.record(state, scheduler.get_last_lr()[0],
+                                          margin_at(state.step, steps_per_epoch, cfg.loss))
+                    _log(accelerator, run, record)
+                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
+                                         lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
+                    meter = WindowMeter()
+                _check_bad_fraction(state, cfg.train.batch_size, data.samples_per_epoch, cfg.data.max_bad_fraction)
+                if cfg.eval.trials and (end_of_epoch or state.finished or (
+                        cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)):
+                    _validate(accelerator, net, cfg, run, state)
+                if saver.should_save(state, end_of_epoch, time_due, stop.signal is not None):
+                    saver.save(state)
+                if end_of_epoch or state.finished or stop.signal is not None:
+                    break
+            del batches  # closes the DataLoader workers before the next epoch's loader forks new ones
+            if state.step == steps_before and not state.finished and stop.signal is None:
+                raise UserError(f"data: epoch {state.epoch} yielded no complete batch from sample {state.position}; "
+                                "did a manifest shrink under the run?")
 
-    # ---- finish
-    progress.close()
-    stop.restore()
-    export_dir = run_dir / "export"
-    if state.finished and accelerator.is_main_process and not (cfg.eval.keep_best and export_dir.is_dir()):
-        export_model(accelerator.unwrap_model(net).embedding, cfg, export_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # also ends the process group: no collective calls after this
+        # ---- finish
+        if state.finished and accelerator.is_main_process and not _best_export_kept(cfg, run, state):
+            export_model(accelerator.unwrap_model(net).embedding, cfg, run.export, step=state.step)
+        accelerator.wait_for_everyone()  # end_training (on leaving the block) ends the process group
     if stop.signal is not None:
-        if accelerator.is_main_process:
-            print(f"stopped by signal at step {state.step}; checkpoint saved; resume with "
-                  f"`ecapa-accel resume {run_dir}`", file=sys.stderr)
-        sys.exit(EXIT_CODES[signal.Signals(stop.signal)])
-    return export_dir
+        raise Preempted(stop.signal, state.step, run.path)
+    return run.export
 
 
-def _log(accelerator: Accelerator, run_dir: Path, record: dict) -> None:
+def _gradients_finite(accelerator: Accelerator, net, grad_clip: float) -> bool:
+    """At an optimizer step: clip, and tell whether the gradient norm is finite (the same on every process,
+    since DDP has averaged the gradients). Between micro-steps there is nothing to check."""
+    if not accelerator.sync_gradients:
+        return True
+    if grad_clip > 0:
+        norm = accelerator.clip_grad_norm_(net.parameters(), grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
+    return bool(torch.isfinite(norm))
+
+
+def _check_nonfinite(in_a_row: int, state: TrainerState, cfg: Config, paths: list[str]) -> None:
+    if in_a_row > cfg.train.max_nonfinite_steps:
+        shown = ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else "")
+        raise UserError(f"train: {in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
+                        f"{state.step}, batch {shown}); more than train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}: check optim.lr and the audio")
+
+
+def _agree(accelerator: Accelerator, bad_files: int, stop_signal, time_due: bool) -> tuple[int, bool, bool]:
+    """All processes agree on the bad-file count, on stopping and on a timed checkpoint (one all-reduce)."""
+    local = torch.tensor([bad_files, stop_signal is not None, time_due], dtype=torch.int64, device=accelerator.device)
+    bad_files, stop_requested, time_due = accelerator.reduce(local, reduction="sum").tolist()
+    return bad_files, bool(stop_requested), bool(time_due)
+
+
+def _replan_horizon(accelerator: Accelerator, run: RunDir, state: TrainerState, total_steps: int,
+                    warmup_steps: float, scheduler) -> None:
+    """A resume that moves the run's end (train.max_steps / train.epochs) re-plans the rest of the cosine from
+    the LR in effect now, so the LR never jumps; the rule is printed once and recorded in metrics.jsonl."""
+    if state.horizon == total_steps:
+        return
+    if state.horizon == 0:  # a checkpoint written before horizons were recorded
+        state.horizon = total_steps
+        return
+    current = scheduler.get_last_lr()[0]
+    previous, state.horizon = state.horizon, total_steps
+    if state.step < warmup_steps:
+        return  # the cosine has not started: it simply starts from the new horizon
+    state.lr_anchor = [state.step, current]
+    record = {"type": "schedule", "step": state.step, "lr": current, "horizon": total_steps,
+              "previous_horizon": previous}
     if accelerator.is_main_process:
-        _append_metrics(run_dir, record)
+        run.append_metrics(record)
+        print(f"the run now ends at step {total_steps} (was {previous}): the LR schedule continues from its current "
+              f"value {current:.3g} at step {state.step} to optim.min_lr at step {total_steps}, without a jump",
+              file=sys.stderr)
+
+
+def _best_export_kept(cfg: Config, run: RunDir, state: TrainerState) -> bool:
+    """keep_best: the export already holds the best validated step (exports are atomic, so it is complete)."""
+    return cfg.eval.keep_best and state.best_step is not None and run.export_step() == state.best_step
+
+
+def _log(accelerator: Accelerator, run: RunDir, record: dict) -> None:
+    if accelerator.is_main_process:
+        run.append_metrics(record)
     scalars = {f"{record['type']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                and k not in ("step", "time")}
     accelerator.log(scalars, step=record["step"])
 
 
-def _check_bad_fraction(state: TrainerState, samples_per_epoch: int, max_fraction: float) -> None:
+def _check_bad_fraction(state: TrainerState, batch_size: int, samples_per_epoch: int, max_fraction: float) -> None:
     # Measured against at least one epoch so that a few bad files early on do not end the run.
-    if state.bad_files > max_fraction * max(state.samples_seen, samples_per_epoch):
-        raise UserError(f"data: {state.bad_files} unreadable audio files replaced in {state.samples_seen} samples, "
+    samples_seen = state.step * batch_size
+    if state.bad_files > max_fraction * max(samples_seen, samples_per_epoch):
+        raise UserError(f"data: {state.bad_files} unreadable audio files replaced in {samples_seen} samples, "
                         f"more than data.max_bad_fraction={max_fraction}; run `ecapa-accel data check` on the CSVs")
 
 
-def _validate(accelerator: Accelerator, net, cfg: Config, run_dir: Path, state: TrainerState) -> None:
+def _validate(accelerator: Accelerator, net, cfg: Config, run: RunDir, state: TrainerState) -> None:
     """Score the validation trials on the main process and log EER/minDCF; other processes wait."""
     from .evaluate import validate
 
     if accelerator.is_main_process:
         embedding = accelerator.unwrap_model(net).embedding
         encoder = EcapaEncoder(embedding, cfg.features, cfg.data.sample_rate).to(accelerator.device).eval()
-        scores = Path("eval") / f"step_{state.step}.txt"
-        (run_dir / "eval").mkdir(exist_ok=True)
+        scores = run.scores_file(state.step)
         with torch.no_grad():
-            result = validate(encoder, cfg.eval, run_dir / scores)
+            result = validate(encoder, cfg.eval, scores)
         embedding.train()
         record = {"type": "eval", "step": state.step, "epoch": state.epoch, "eer": result["eer"],
-                  "min_dcf": result["min_dcf"], "threshold": result["threshold"], "scores": str(scores)}
-        _log(accelerator, run_dir, record)
-        if cfg.eval.keep_best and (state.best_eer is None or result["eer"] < state.best_eer):
-            export_model(embedding, cfg, run_dir / "export")
-        if state.best_eer is None or result["eer"] < state.best_eer:
-            state.best_eer = result["eer"]
-    # Every process keeps the same trainer state, so the best EER travels from the main process.
-    best = torch.tensor([state.best_eer if state.best_eer is not None else -1.0], device=accelerator.device)
-    best = broadcast(best, from_process=0).item()
-    state.best_eer = None if best < 0 else best
+                  "min_dcf": result["min_dcf"], "threshold": result["threshold"],
+                  "scores": str(scores.relative_to(run.path))}
+        _log(accelerator, run, record)
+        if CheckpointSaver.is_new_best(state, result["eer"]) and cfg.eval.keep_best:
+            export_model(embedding, cfg, run.export, step=state.step)
+    # Every process keeps the same trainer state, so the best result travels from the main process.
+    best = torch.tensor([state.best_eer if state.best_eer is not None else -1.0,
+                         state.best_step if state.best_step is not None else -1],
+                        dtype=torch.float64, device=accelerator.device)
+    best_eer, best_step = broadcast(best, from_process=0).tolist()
+    state.best_eer, state.best_step = (None, None) if best_step < 0 else (best_eer, int(best_step))
 
 
 def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """`ecapa-accel resume DIR [KEY=VALUE ...]`: continue from DIR/config.yaml (safe overrides only)."""
-    run_dir = Path(run_dir)
-    return train(_run_config(run_dir, overrides), run_dir)
+    run = RunDir(run_dir)
+    return train(_run_config(run, overrides), run.path)

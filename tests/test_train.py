@@ -64,6 +64,10 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), key
 
 
+def records_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
@@ -158,12 +162,14 @@ def test_two_processes_then_one_keeps_global_batch(tmp_path, tone_corpus):
     status = json.loads(cli("status", str(run), "--json").stdout)
     assert status["step"] == 4 and status["checkpoints"][-1] == "step_4"
     state = json.loads((run / "checkpoints" / "step_4" / "trainer_state.json").read_text())
-    assert state["world_size"] == 2 and state["samples_seen"] == 4 * 4
+    assert state["step"] == 4 and state["epoch"] * 24 + state["position"] == 4 * 4  # 24 samples per epoch
 
     result = cli("resume", str(run), "train.max_steps=6", "train.max_device_batch_size=2")  # 1 process x 2 micro-steps
     assert result.returncode == 0, result.stderr
     state = json.loads((run / "checkpoints" / "step_6" / "trainer_state.json").read_text())
-    assert state["world_size"] == 1 and state["samples_seen"] == 6 * 4
+    assert state["step"] == 6 and state["epoch"] * 24 + state["position"] == 6 * 4
+    samples = [r["samples_per_step"] for r in records_of(run) if r["type"] == "train"]
+    assert samples == [4] * 6  # the global batch of every optimizer step, before and after the change
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert (run / "export" / "model.safetensors").is_file()
