@@ -149,3 +149,24 @@ def test_shared_layout_needs_its_format_and_the_front_end_must_be_the_peers(tmp_
     # dither only perturbs training input: a source without it fits a run with it
     source = trained_looking_export(tmp_path / "export")
     assert resolve_init(load_config(config, [f"model.init_from={source}", "features.dither=1.0"])) is not None
+
+
+@pytest.mark.parametrize("corpus", ["voxceleb", "multi"])
+def test_large_margin_recipe_is_stage_one_with_wespeakers_lm_settings(corpus):
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / corpus
+    stage1, stage2 = load_config(recipes / "ecapa_c1024.yaml"), load_config(recipes / "ecapa_c1024_lm.yaml")
+    # the label map's inputs are stage 1's, so the head carries over; the network and its front end too
+    assert (stage2.data.datasets, stage2.data.speed_factors, stage2.data.speed_as_classes) == (
+        stage1.data.datasets, stage1.data.speed_factors, stage1.data.speed_as_classes)
+    assert (stage2.features, stage2.data.augment, stage2.eval) == (stage1.features, stage1.data.augment, stage1.eval)
+    assert [getattr(stage2.model, key) for key in ("variant", "channels", "embed_dim")] == [
+        getattr(stage1.model, key) for key in ("variant", "channels", "embed_dim")]
+    # WeSpeaker's ecapa_tdnn_lm.yaml: 600 frames, margin 0.5 fixed, SGD 1e-4 -> 2.5e-5
+    assert stage2.data.crop_seconds == 6.0
+    assert (stage2.loss.margin, stage2.loss.margin_ramp_start_epoch, stage2.loss.margin_ramp_end_epoch) == (0.5, 0, 0)
+    assert (stage2.optim.name, stage2.optim.lr, stage2.optim.min_lr) == ("sgd", 1e-4, 2.5e-5)
+    # it starts from stage 1's averaged export, which the README's commands write first
+    run = {"voxceleb": "runs/vox2_c1024", "multi": "runs/multi_c1024"}[corpus]
+    assert Path(stage2.model.init_from) == recipes.parents[1] / run / "export_avg10"
+    readme = (recipes / "README.md").read_text()
+    assert f"ecapa-accel average {run} --last 10" in readme and f"model.init_from={run}/export_avg10" in readme
