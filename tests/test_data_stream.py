@@ -78,7 +78,7 @@ def test_realised_mix_matches_the_weights_over_10000_samples(tmp_path, tone_corp
         manifest.write_text("\n".join([header, *listed]) + "\n")
         datasets.append({"name": name, "csv": str(manifest), "weight": weight})
     config = tmp_path / "mix.yaml"
-    config.write_text(yaml.safe_dump({"data": {"datasets": datasets, "crop_seconds": 0.02, "num_workers": 0},
+    config.write_text(yaml.safe_dump({"data": {"datasets": datasets, "crop_seconds": 0.025, "num_workers": 0},
                                       "train": {"batch_size": 500}}))
     with pytest.raises(SystemExit) as exit:
         main(["data", "inspect", str(config), "--batches", "20", "--json"])

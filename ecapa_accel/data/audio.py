@@ -11,10 +11,12 @@ import torch
 import torchaudio.functional as F
 
 DECODE_ERRORS = (soundfile.SoundFileError, RuntimeError, OSError)
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the sample formats that can hold NaN or infinity (PCM cannot)
+NON_FINITE = "non-finite samples (NaN or infinity)"
 
 
 class UnreadableAudio(Exception):
-    """An audio file exists but libsndfile cannot decode it."""
+    """An audio file exists but libsndfile cannot decode it, or it decodes to non-finite samples."""
 
 
 def _reason(error: Exception) -> str:
@@ -22,11 +24,20 @@ def _reason(error: Exception) -> str:
     return text.splitlines()[-1] if text else type(error).__name__
 
 
+def _all_finite(audio: soundfile.SoundFile) -> bool:
+    """Whether every sample decodes (as float32, like the training decoder) to a finite value; reads the file."""
+    return all(np.isfinite(block).all() for block in audio.blocks(blocksize=1 << 16, dtype="float32"))
+
+
 def audio_header(path: str) -> tuple[int, int, int]:
-    """(sample rate, frames, channels) of an audio file; FileNotFoundError or UnreadableAudio otherwise."""
+    """(sample rate, frames, channels) of an audio file; FileNotFoundError or UnreadableAudio otherwise.
+
+    Reads the header only, except for float files (the only ones that can hold NaN or infinity), which are
+    decoded whole once: a single NaN sample would make every later loss NaN."""
     try:
         with soundfile.SoundFile(path) as audio:  # like soundfile.info, without its costly log text
             rate, frames, channels = audio.samplerate, audio.frames, audio.channels
+            finite = audio.subtype not in FLOAT_SUBTYPES or _all_finite(audio)
     except DECODE_ERRORS as error:
         if not os.path.exists(path):
             raise FileNotFoundError(path) from None
@@ -34,10 +45,15 @@ def audio_header(path: str) -> tuple[int, int, int]:
         raise UnreadableAudio(_reason(error) + hint) from None
     if frames <= 0:
         raise UnreadableAudio("no audio frames")
+    if not finite:
+        raise UnreadableAudio(NON_FINITE)
     return rate, frames, channels
 
 
 def _mono(frames: np.ndarray) -> torch.Tensor:
+    """Channels averaged; samples that are not finite (float files can hold NaN) make the audio unreadable."""
+    if not np.isfinite(frames).all():
+        raise UnreadableAudio(NON_FINITE)
     return torch.from_numpy(frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0].copy())
 
 

@@ -4,6 +4,8 @@ Opening a million headers takes minutes at every training start. The cache is an
 manifest's Arrow cache (same CSV content hash, one file per CSV folder since relative paths resolve against it),
 with one row per distinct path, sorted: the file's size and mtime_ns when its header was read, and what the
 header said. A header is reused while size and mtime_ns are both unchanged; `data check` and training share it.
+Float files (subtype FLOAT/DOUBLE) are decoded whole when their header is read: only they can hold NaN or
+infinite samples, which count as unreadable audio.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class AudioHeaders:
 def cache_file(cache_dir: str, folder: Path) -> str:
     """Where the headers of a manifest (content-hashed `cache_dir`) whose paths resolve against `folder` live."""
     where = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"audio-headers-{where}.arrow")
+    # v2: float files are decoded whole for non-finite samples; a v1 cache may call such a file readable.
+    return os.path.join(cache_dir, f"audio-headers-v2-{where}.arrow")
 
 
 def iter_text(column: pa.Array | pa.ChunkedArray) -> Iterator[str]:
