@@ -113,25 +113,16 @@ def test_bad_numbers_and_non_finite_values_name_the_key(tmp_path, text, override
     assert f"'{key}'" in message and says in message and "\n" not in message
 
 
+# The cases of issue 13 (momentum, betas, seed, crop, channels, ...) run through the CLI in test_preflight.py.
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["optim.momentum=0"], "optim.momentum"),  # torch: Nesterov momentum requires a momentum
-        (["optim.momentum=-0.5", "optim.nesterov=false"], "optim.momentum"),
         (["optim.momentum=1.0"], "optim.momentum"),
         (["optim.name=adamw", "optim.betas=[0.9, 1.0]"], "optim.betas"),
-        (["optim.name=adamw", "optim.betas=[-0.1, 0.999]"], "optim.betas"),
-        (["train.seed=-1"], "train.seed"),
-        ([f"train.seed={2**40}"], "train.seed"),
-        (["data.crop_seconds=0.01"], "data.crop_seconds"),
-        (["features.frame_length_ms=4000"], "features.frame_length_ms"),
         (["features.frame_shift_ms=0.01", "features.frame_length_ms=0.02"], "features.frame_shift_ms"),
         (["features.n_mels=2"], "features.n_mels"),
-        (["optim.min_lr=-0.00001"], "optim.min_lr"),
         (["optim.lr=0.00001", "optim.min_lr=0.0001"], "optim.min_lr"),
         (["optim.schedule=step", "optim.decay_gamma=0"], "optim.decay_gamma"),
-        (["data.sample_rate=100"], "data.sample_rate"),
-        (["model.channels=30"], "model.channels"),
     ],
 )
 def test_values_that_would_fail_during_training_are_refused_when_loaded(tmp_path, overrides, key):
