@@ -17,7 +17,7 @@ import torch
 
 from .config import Config, EvalConfig
 from .errors import UserError
-from .evaluate import load_trials, read_manifest
+from .evaluate import load_trials
 from .features import FeatureExtractor
 from .model import MIN_FRAMES, build_model
 from .optim import build_optimizer
@@ -84,13 +84,12 @@ def _check_optimizer(cfg: Config) -> None:
 
 def _check_evaluation(eval_cfg: EvalConfig) -> None:
     """The validation trials (and the manifest and audio they name) exist and parse, as the first evaluation
-    would read them: otherwise a whole epoch trains before the mistake shows."""
+    reads them: otherwise a whole epoch trains before the mistake shows. Without trials nothing is evaluated."""
+    if not eval_cfg.trials:
+        return
     if eval_cfg.audio_root and not Path(eval_cfg.audio_root).is_dir():
         raise UserError(f"{eval_cfg.audio_root}: 'eval.audio_root' is not a directory")
     try:
-        if eval_cfg.trials:
-            load_trials(eval_cfg)
-        elif eval_cfg.manifest:
-            read_manifest(eval_cfg.manifest)
+        load_trials(eval_cfg)
     except UserError as error:
         raise UserError(f"eval: {error}") from None
