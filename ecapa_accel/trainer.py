@@ -36,6 +36,7 @@ from .loss import AAMSoftmax, margin_at
 from .model import EcapaTdnn, build_model
 from .optim import build_optimizer, learning_rate
 from .preflight import check_before_write
+from .pretrained import apply_init, record_init, resolve_init
 from .rundir import RunDir, atomic_folder, write_export_step
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -210,6 +211,8 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
     run = RunDir(run_dir)
     check_before_write(cfg, run.path)
     resume_from = _check_run_dir(cfg, run)
+    init = resolve_init(cfg) if resume_from is None else None  # model.init_from is read at step 0 only
+    cfg = record_init(cfg, init, run.config)  # config.yaml keeps where the weights came from
     data = build_training_data(cfg, label_map=run.read_label_map())  # validates before anything is written
     steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
     if steps_per_epoch == 0:
@@ -236,6 +239,8 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
             build_model(cfg.model, cfg.features.n_mels),
             AAMSoftmax(cfg.model.embed_dim, data.num_classes, cfg.loss.scale, cfg.loss.margin, cfg.loss.easy_margin),
         )
+        if init is not None:
+            _say(apply_init(init, net.embedding, net.head, data.label_map))
         optimizer = build_optimizer(net.parameters(), cfg.optim)
         state = read_state(resume_from) if resume_from is not None else TrainerState(horizon=total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(
