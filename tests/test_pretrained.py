@@ -7,14 +7,21 @@ slow ones train through the CLI: stage 1, then stage 2 from its run directory or
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import write_tone_corpus
+from safetensors.torch import load_file
 from test_convert import random_state, speechbrain_layout, wespeaker_layout
 
 from ecapa_accel import UserError, load_config
+from ecapa_accel.cli import main
 from ecapa_accel.config import FeaturesConfig
 from ecapa_accel.convert import convert_checkpoint
 from ecapa_accel.encoder import EcapaEncoder
@@ -149,6 +156,134 @@ def test_shared_layout_needs_its_format_and_the_front_end_must_be_the_peers(tmp_
     # dither only perturbs training input: a source without it fits a run with it
     source = trained_looking_export(tmp_path / "export")
     assert resolve_init(load_config(config, [f"model.init_from={source}", "features.dither=1.0"])) is not None
+
+
+def train_command(*args: str) -> int:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *map(str, args)])
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "named"),
+    [
+        ({"channels": 32}, [], ["model.channels", "(32, 24, 5)", "(16, 24, 5)"]),
+        ({"embed_dim": 8}, [], ["model.embed_dim", "(8, 96)", "(16, 96)"]),
+        ({"n_mels": 32}, [], ["features.n_mels", "32", "24"]),
+        ({"window": "hamming"}, [], ["features.window", "'hamming'", "'povey'"]),
+        ({}, ["model.variant=wespeaker"], ["model.variant", "'wespeaker'", "'3dspeaker'"]),
+        ({}, ["model.init_from_sha256=" + "ab" * 32], ["model.init_from_sha256", "ab" * 32]),
+        ({}, ["model.init_from_format=wespeaker"], ["model.init_from_format", "folder"]),
+        (None, [], ["model.init_from", "missing_export", "not found"]),
+    ],
+    ids=["channels", "embed_dim", "n_mels", "window", "variant", "pinned_sha", "format_for_folder", "missing"],
+)
+def test_a_source_that_does_not_fit_exits_2_naming_the_key_and_writes_nothing(tmp_path, tone_corpus, capsys, source,
+                                                                             overrides, named):
+    if source is None:
+        folder = tmp_path / "missing_export"
+    else:
+        features = {key: value for key, value in source.items() if key == "window"}
+        shapes = {key: value for key, value in source.items() if key != "window"}
+        folder = trained_looking_export(tmp_path / "export", **shapes, **features)
+    run = tmp_path / "run"
+    status = train_command(write_config(tmp_path, tone_corpus), "--run-dir", run, f"model.init_from={folder}",
+                           *overrides)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for word in named:
+        assert word in err, err
+    assert not run.exists()
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def run_ok(*args) -> subprocess.CompletedProcess:
+    result = cli(*args)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def checkpoint_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step}" / "model.safetensors"))
+
+
+def assert_parameters_close(embedding: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    """Trainable tensors within a step of a 1e-9 learning rate (BatchNorm statistics move in any training step)."""
+    for key, value in source.items():
+        if not key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            torch.testing.assert_close(embedding[f"embedding.{key}"], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def stage_one(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run directory) of a finished 4-step stage 1 with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("stage_one")
+    config = write_config(root, lambda name, **kwargs: write_tone_corpus(root, name, **kwargs))
+    run_ok("train", config, "--run-dir", root / "stage1")
+    return config, root / "stage1"
+
+
+@pytest.mark.slow
+def test_stage_two_from_a_run_dir_loads_head_and_resumes_without_the_source(tmp_path, stage_one):
+    config, shared = stage_one
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(shared, stage1)  # this test moves it away
+    stage1_export = load_file(str(stage1 / "export" / "model.safetensors"))
+    stage1_head = checkpoint_weights(stage1, 4)["head.weight"]
+    digest = sha256(stage1 / "export" / "model.safetensors")
+
+    # Stage 2 on the same data: the label map matches, so the head comes along. A 1e-9 LR keeps step 1 at the source.
+    stage2 = tmp_path / "stage2"
+    tiny_lr = ["optim.lr=1e-9", "optim.min_lr=0", "train.max_steps=2", "train.checkpoint_every_steps=1"]
+    result = run_ok("train", config, "--run-dir", stage2, f"model.init_from={stage1}", *tiny_lr)
+    assert f"initialised from {stage1} (sha256 {digest}, head: loaded from {stage1}/checkpoints/step_4)" in result.stderr
+    step1 = checkpoint_weights(stage2, 1)
+    assert_parameters_close(step1, stage1_export)
+    torch.testing.assert_close(step1["head.weight"], stage1_head, rtol=0, atol=1e-6)
+    recorded = yaml.safe_load((stage2 / "config.yaml").read_text())["model"]
+    assert (recorded["init_from"], recorded["init_from_sha256"]) == (str(stage1), digest)
+
+    # The source is read only at step 0: without it, stage 2 resumes from its own checkpoints.
+    stage1.rename(tmp_path / "stage1_moved")
+    result = run_ok("resume", stage2, "train.max_steps=3")
+    assert "initialised from" not in result.stderr
+    result = run_ok("train", config, "--run-dir", stage2, f"model.init_from={stage1}", *tiny_lr[:2],
+                    "train.max_steps=4", "train.checkpoint_every_steps=1")
+    assert json.loads(run_ok("status", stage2, "--json").stdout)["step"] == 4
+    assert yaml.safe_load((stage2 / "config.yaml").read_text())["model"]["init_from_sha256"] == digest
+    # ...while another source is a different run
+    result = cli("resume", stage2, f"model.init_from={tmp_path / 'stage1_moved'}")
+    assert result.returncode == 2 and "model.init_from" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_through_the_cli_from_an_averaged_export(tmp_path, tone_corpus, stage_one):
+    """Stage 1, `average --last 2`, then large-margin fine-tuning from the averaged export (as the recipes do)."""
+    config, stage1 = stage_one
+    run_ok("average", stage1, "--last", "2")
+    averaged = stage1 / "export_avg2"
+    average = load_file(str(averaged / "model.safetensors"))
+
+    large_margin = ["data.crop_seconds=0.9", "loss.margin=0.5", "loss.margin_ramp_end_epoch=0", "optim.lr=1e-9",
+                    "optim.min_lr=0", "train.max_steps=1"]
+    stage2 = tmp_path / "stage2"
+    result = run_ok("train", config, "--run-dir", stage2, f"model.init_from={averaged}", *large_margin)
+    assert f"head: loaded from {stage1}/checkpoints/step_4" in result.stderr
+    assert_parameters_close(checkpoint_weights(stage2, 1), average)
+    margins = [json.loads(line)["margin"] for line in (stage2 / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["type"] == "train"]
+    assert margins == [0.5]
+
+    # Other speakers: another label map, so the head starts fresh (and has another shape).
+    other = write_config(tmp_path, tone_corpus, corpus="others", speakers=2)
+    result = run_ok("train", other, "--run-dir", tmp_path / "other_run", f"model.init_from={averaged}", *large_margin)
+    assert "head: fresh" in result.stderr and "label map" in result.stderr
+    assert checkpoint_weights(tmp_path / "other_run", 1)["head.weight"].shape == (2, 16)
 
 
 @pytest.mark.parametrize("corpus", ["voxceleb", "multi"])
