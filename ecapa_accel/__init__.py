@@ -23,9 +23,11 @@ _LAZY = {
     "FeatureExtractor": "features",
     "AAMSoftmax": "loss",
     "build_training_data": "data",
-    "compute_eer": "evaluate",
-    "compute_min_dcf": "evaluate",
+    "compute_eer": "metrics",
+    "compute_min_dcf": "metrics",
     "evaluate_trials": "evaluate",
+    "verify_pair": "evaluate",
+    "average_run": "average",
     "convert_checkpoint": "convert",
     "run_status": "checkpoint",
 }

@@ -131,31 +131,55 @@ def pack(
 @app.command("eval")
 def eval_command(
     model_dir: Path = typer.Argument(..., help="Export folder or run directory."),
-    trials: Path = typer.Option(..., "--trials", help="Trials: '1 a.wav b.wav' or 'utt_a utt_b target'."),
+    trials: List[Path] = typer.Option(..., "--trials", help="Trials: '1 a.wav b.wav' or 'utt_a utt_b target'; "
+                                      "repeat for several lists (each audio file is embedded once)."),
     audio_root: Optional[Path] = typer.Option(None, "--audio-root", help="Folder trial paths resolve against."),
     manifest: Optional[Path] = typer.Option(None, "--manifest", help="CSV (ID,path) mapping trial IDs to audio."),
     cohort: Optional[Path] = typer.Option(None, "--cohort", help="Cohort manifest CSV for AS-norm."),
     top_k: int = typer.Option(300, "--top-k", help="AS-norm: highest cohort scores used per side."),
-    scores: Optional[Path] = typer.Option(
+    p_target: Optional[List[float]] = typer.Option(
+        None, "--p-target", help="Prior of a target trial for minDCF (default 0.01); repeat for several: min_dcf "
+        "is at the first, min_dcf_at lists all."
+    ),
+    scores: Optional[List[Path]] = typer.Option(
         None, "--scores", help="Write 'enroll test cosine label' per trial; with --cohort 'enroll test cosine "
-        "asnorm label'."
+        "asnorm label'. One per --trials."
     ),
     as_json: bool = JSON_FLAG,
 ) -> None:
-    """Score verification trials with cosine similarity and report EER and minDCF (raw, and AS-norm with --cohort)."""
-    from .evaluate import evaluate_trials
+    """Score verification trials with cosine similarity and report EER and minDCF (raw, and AS-norm with --cohort).
 
-    report = evaluate_trials(model_dir, trials, audio_root=audio_root, cohort=cohort, scores_out=scores,
-                             manifest=manifest, top_k=top_k)
+    --json prints one object for one trials file, a list of objects (each with "trials_file") for several.
+    """
+    from .evaluate import evaluate_trials, report_lines
+
+    report = evaluate_trials(model_dir, trials, audio_root=audio_root, cohort=cohort, scores_out=scores or None,
+                             manifest=manifest, top_k=top_k, p_targets=p_target or None)
     if as_json:
         _print_json(report)
         return
-    typer.echo(f"{report['trials']} trials: EER {report['eer']:.3f}%, minDCF {report['min_dcf']:.4f}, "
-               f"threshold {report['threshold']:.4f}")
-    if "asnorm" in report:
-        norm = report["asnorm"]
-        typer.echo(f"AS-norm (top {norm['top_k']} of {norm['cohort_size']} cohort): EER {norm['eer']:.3f}%, "
-                   f"minDCF {norm['min_dcf']:.4f}, threshold {norm['threshold']:.4f}")
+    for line in report_lines(report):
+        typer.echo(line)
+
+
+@app.command()
+def verify(
+    model_dir: Path = typer.Argument(..., help="Export folder or run directory."),
+    first: Path = typer.Argument(..., help="Audio file A."),
+    second: Path = typer.Argument(..., help="Audio file B."),
+    as_json: bool = JSON_FLAG,
+) -> None:
+    """Print the cosine score of two audio files, and same/different when the export has a calibrated threshold."""
+    from .evaluate import verify_pair
+
+    result = verify_pair(model_dir, first, second)
+    if as_json:
+        _print_json(result)
+    elif result["threshold"] is None:
+        typer.echo(f"{result['score']:.6f}")
+    else:
+        decision = "same" if result["same"] else "different"
+        typer.echo(f"{result['score']:.6f} {decision} (threshold {result['threshold']:.6f})")
 
 
 @app.command()

@@ -16,15 +16,15 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Iterable
 
-import soundfile
 import torch
-import torchaudio.functional
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import FeaturesConfig, config_from_dict
+from .config import EvalConfig, FeaturesConfig, config_from_dict
+from .data.audio import UnreadableAudio, audio_header, read_audio
 from .errors import UserError
 from .features import FeatureExtractor
 from .model import MIN_FRAMES, EcapaTdnn, build_model
@@ -59,20 +59,59 @@ class EcapaEncoder(nn.Module):
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
         return self.model(self.front_end(waves))
 
-    @torch.inference_mode()
     def embed_file(self, path: str | Path, max_chunk_seconds: float = MAX_CHUNK_SECONDS) -> torch.Tensor:
         """Embed a whole audio file (mixed to mono, resampled if needed) -> (embed_dim,) on the CPU."""
-        wave, rate = read_mono(path)
-        if rate != self.sample_rate:
-            wave = torchaudio.functional.resample(wave, rate, self.sample_rate)
+        return self.embed_waves([(path, decode_audio(path, self.sample_rate))], max_chunk_seconds)[0]
+
+    @torch.inference_mode()
+    def embed_waves(
+        self,
+        named_waves: Iterable[tuple[str | Path, torch.Tensor]],
+        max_chunk_seconds: float = MAX_CHUNK_SECONDS,
+        batch_seconds: float = EvalConfig.batch_seconds,
+    ) -> torch.Tensor:
+        """Full-utterance embeddings of (name, mono waveform at `sample_rate`) pairs -> (count, embed_dim) on the CPU.
+
+        A waveform longer than `max_chunk_seconds` is embedded in near-equal chunks whose embeddings are averaged.
+        Chunks of equal length share forward batches of up to `batch_seconds` of audio, so no padding ever
+        changes an embedding; feed waveforms shortest first for full batches. Names appear in errors only.
+        """
         device = next(self.model.parameters()).device
-        chunk_count = max(1, math.ceil(len(wave) / (max_chunk_seconds * self.sample_rate)))
-        embeddings = []
-        for chunk in wave.tensor_split(chunk_count):
-            if self.front_end.num_frames(len(chunk)) < MIN_FRAMES:
-                raise UserError(f"{path}: too short to embed ({len(wave) / self.sample_rate:.3f} s)")
-            embeddings.append(self(chunk.to(device).unsqueeze(0))[0])
-        return torch.stack(embeddings).mean(dim=0).cpu()
+        chunk = max_chunk_seconds * self.sample_rate
+        budget = batch_seconds * self.sample_rate
+        pending: dict[int, list[tuple[int, torch.Tensor]]] = {}  # chunk length -> (owner, chunk) waiting
+        owners: list[int] = []
+        outputs: list[torch.Tensor] = []
+
+        def run(length: int) -> None:
+            group = pending.pop(length)
+            outputs.append(self(torch.stack([piece for _, piece in group]).to(device)).float().cpu())
+            owners.extend(owner for owner, _ in group)
+
+        count = 0
+        for owner, (name, wave) in enumerate(named_waves):
+            count += 1
+            pieces = wave.tensor_split(max(1, math.ceil(wave.numel() / chunk)))
+            for piece in pieces:
+                self.check_length(piece.numel(), name)
+            lengths = {piece.numel() for piece in pieces}
+            for length in [length for length in pending if length not in lengths]:
+                run(length)  # shortest first: utterances of one length arrive together, so that group is complete
+            for piece in pieces:
+                group = pending.setdefault(piece.numel(), [])
+                group.append((owner, piece))
+                if piece.numel() * len(group) >= budget:
+                    run(piece.numel())
+        for length in list(pending):
+            run(length)
+        if not outputs:
+            return torch.zeros(0, self.model.embed_dim)
+        return mean_by_group(torch.cat(outputs), torch.tensor(owners), count)
+
+    def check_length(self, samples: int, name: str | Path) -> None:
+        """UserError naming `name` when `samples` samples at `sample_rate` are too short to embed."""
+        if self.front_end.num_frames(samples) < MIN_FRAMES:
+            raise UserError(f"{name}: too short to embed ({samples / self.sample_rate:.3f} s)")
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write the export folder (model.safetensors + config.json); returns its path."""
@@ -206,16 +245,31 @@ def _read_weights(path: Path, model: EcapaTdnn) -> dict[str, torch.Tensor]:
     return weights
 
 
-def read_mono(path: str | Path) -> tuple[torch.Tensor, int]:
-    """Decode an audio file with soundfile -> (float32 mono waveform, sample rate); channels are averaged."""
+def mean_by_group(rows: torch.Tensor, groups: torch.Tensor, count: int) -> torch.Tensor:
+    """(count, dim): the mean of the rows of each group (`groups[i]` is row i's group, 0 <= group < count)."""
+    sums = torch.zeros(count, rows.shape[1]).index_add_(0, groups, rows)
+    return sums / torch.bincount(groups, minlength=count).float()[:, None]
+
+
+def decode_audio(path: str | Path, sample_rate: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Frames [start, stop) of an audio file (whole by default), mono float32 at `sample_rate`; errors name it."""
     if not Path(path).is_file():
         raise UserError(f"{path}: audio file not found")
     try:
-        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.SoundFileError, RuntimeError) as error:
-        message = " ".join(str(error).split())
-        raise UserError(f"{path}: cannot decode audio ({message})") from None
-    return torch.from_numpy(data.mean(axis=1)), rate
+        return read_audio(str(path), sample_rate, start, stop)
+    except UnreadableAudio as error:
+        raise UserError(f"{path}: cannot decode audio ({error})") from None
+
+
+def read_mono(path: str | Path) -> tuple[torch.Tensor, int]:
+    """Decode an audio file -> (float32 mono waveform, its own sample rate); channels are averaged."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: audio file not found")
+    try:
+        rate = audio_header(str(path))[0]
+    except UnreadableAudio as error:
+        raise UserError(f"{path}: cannot decode audio ({error})") from None
+    return decode_audio(path, rate), rate
 
 
 def embed_files(model_dir: Path, paths: list[Path], out: Path | None = None) -> list[str]:

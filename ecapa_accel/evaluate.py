@@ -1,117 +1,37 @@
-"""Speaker-verification scoring: EER and minDCF, trials files, full-utterance embeddings, cosine scores, AS-norm.
+"""Speaker-verification scoring: trials files, full-utterance embeddings, cosine scores, AS-norm, `eval`, `verify`.
 
-A trial is accepted when its score is >= the threshold. The EER is where the miss and false-alarm rates of the
-step-wise DET curve cross, linearly interpolated between the two thresholds around the crossing; minDCF is the
-normalised detection cost minimised over every threshold (including "reject all").
+The metric maths (EER, minDCF, DET curve) lives in `ecapa_accel.metrics` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import csv
-import math
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import soundfile
 import torch
 import torch.nn.functional as F
-import torchaudio.functional as AF
+from tqdm import tqdm
 
 from .config import EvalConfig
-from .encoder import MAX_CHUNK_SECONDS, EcapaEncoder, read_mono
+from .data.audio import UnreadableAudio, audio_header
+from .data.manifest import Problems, read_manifest
+from .encoder import MAX_CHUNK_SECONDS, EcapaEncoder, decode_audio, mean_by_group
 from .errors import UserError
-from .model import MIN_FRAMES
-
-ArrayLike = Sequence[float] | np.ndarray | torch.Tensor
-
-
-# ---- metrics
-
-
-def _as_numpy(values: ArrayLike, dtype) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=dtype).reshape(-1)
-
-
-@dataclass(frozen=True)
-class DetCurve:
-    """Miss and false-alarm rates at every distinct threshold (ascending scores, then +inf = reject all)."""
-
-    thresholds: np.ndarray
-    miss: np.ndarray  # fraction of target trials scoring below the threshold
-    false_alarm: np.ndarray  # fraction of non-target trials scoring at or above it
-
-    def eer_point(self) -> tuple[float, float]:
-        """(EER as a fraction, threshold): the crossing of the miss and false-alarm curves.
-
-        The threshold is the score, among those on either side of the crossing, where the two rates are closest.
-        """
-        gap = self.false_alarm - self.miss  # never increases with the threshold; gap[0] = 1, gap[-1] = -1
-        after = int(np.argmax(gap <= 0))
-        before = after - 1
-        fraction = gap[before] / (gap[before] - gap[after])
-        eer = self.miss[before] + fraction * (self.miss[after] - self.miss[before])
-        closest = after if -gap[after] <= gap[before] and np.isfinite(self.thresholds[after]) else before
-        return float(eer), float(self.thresholds[closest])
-
-    def min_dcf_point(self, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0) -> tuple[float, int]:
-        """(normalised minDCF, index of the threshold where it is reached)."""
-        if not 0 < p_target < 1 or c_miss <= 0 or c_fa <= 0:
-            raise ValueError("p_target must be within (0, 1) and the costs positive")
-        cost = c_miss * p_target * self.miss + c_fa * (1 - p_target) * self.false_alarm
-        best = int(np.argmin(cost))
-        return float(cost[best] / min(c_miss * p_target, c_fa * (1 - p_target))), best
-
-
-def det_curve(scores: ArrayLike, labels: ArrayLike) -> DetCurve:
-    """Error rates of `scores` (higher = more likely the same speaker) against `labels` (1 target, 0 non-target)."""
-    scores = _as_numpy(scores, np.float64)
-    labels = _as_numpy(labels, np.float64)
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.size} scores but {labels.size} labels")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 1 (target) or 0 (non-target)")
-    if not np.isfinite(scores).all():
-        raise ValueError("scores must be finite")
-    targets = np.sort(scores[labels == 1])
-    nontargets = np.sort(scores[labels == 0])
-    if targets.size == 0 or nontargets.size == 0:
-        raise UserError(
-            f"scoring needs target and non-target trials; got {targets.size} target, {nontargets.size} non-target"
-        )
-    thresholds = np.append(np.unique(scores), np.inf)
-    miss = np.searchsorted(targets, thresholds, side="left") / targets.size
-    false_alarm = 1.0 - np.searchsorted(nontargets, thresholds, side="left") / nontargets.size
-    return DetCurve(thresholds, miss, false_alarm)
-
-
-def compute_eer(scores: ArrayLike, labels: ArrayLike) -> float:
-    """Equal error rate in percent."""
-    return 100.0 * det_curve(scores, labels).eer_point()[0]
-
-
-def compute_eer_threshold(scores: ArrayLike, labels: ArrayLike) -> float:
-    """The score threshold (accept score >= threshold) where the miss and false-alarm rates are closest."""
-    return det_curve(scores, labels).eer_point()[1]
-
-
-def compute_min_dcf(
-    scores: ArrayLike, labels: ArrayLike, p_target: float = 0.01, c_miss: float = 1.0, c_fa: float = 1.0
-) -> float:
-    """Minimum normalised detection cost: min over thresholds of DCF / min(c_miss * p_target, c_fa * (1 - p_target))."""
-    return det_curve(scores, labels).min_dcf_point(p_target, c_miss, c_fa)[0]
-
-
-def score_report(scores: ArrayLike, labels: ArrayLike) -> dict:
-    """`{"eer" (percent), "min_dcf" (p_target 0.01), "trials", "threshold"}` of one score list."""
-    curve = det_curve(scores, labels)
-    eer, threshold = curve.eer_point()
-    return {"eer": 100.0 * eer, "min_dcf": curve.min_dcf_point()[0], "trials": len(labels), "threshold": threshold}
+from .metrics import (  # noqa: F401  (re-exported: the scoring API has always been importable from here)
+    DetCurve,
+    check_p_targets,
+    compute_eer,
+    compute_eer_threshold,
+    compute_min_dcf,
+    det_curve,
+    score_report,
+)
 
 
 # ---- AS-norm
@@ -206,20 +126,22 @@ class AudioItem:
 
 
 def audio_item(path: str | Path, where: str, start: float | None = None, stop: float | None = None) -> AudioItem:
-    """Check that `path` is readable audio (header only) and that the segment [start, stop) seconds lies inside it."""
+    """Check that `path` is readable audio (header only) and that the segment [start, stop) seconds lies inside it.
+
+    A stop a little past the end (segment times rounded in a manifest) is clamped to the end of the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{where}: audio file not found: {path}")
     try:
-        info = soundfile.info(str(path))
-    except (soundfile.SoundFileError, RuntimeError) as error:
-        message = " ".join(str(error).split())
-        raise UserError(f"{where}: {path} is not a readable audio file ({message})") from None
-    first = 0 if start is None else round(start * info.samplerate)
-    last = info.frames if stop is None else round(stop * info.samplerate)
-    if not 0 <= first < last <= info.frames:
-        raise UserError(f"{where}: {path} has no audio in the requested segment ({info.frames} frames)")
-    return AudioItem(path, first, last, info.samplerate)
+        rate, frames, _ = audio_header(str(path))
+    except (FileNotFoundError, UnreadableAudio) as error:
+        raise UserError(f"{where}: {path} is not a readable audio file ({error})") from None
+    first = 0 if start is None else round(start * rate)
+    last = frames if stop is None else min(frames, round(stop * rate))
+    if not 0 <= first < last:
+        raise UserError(f"{where}: {path} has no audio in the requested segment ({frames} frames)")
+    return AudioItem(path, first, last, rate)
 
 
 @dataclass(frozen=True)
@@ -229,43 +151,26 @@ class ManifestRow:
     speaker: str | None
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
-    """Rows of a manifest CSV (`path` or `wav`; optional `ID`, `spk`/`spk_id`, `start`, `stop`), audio checked."""
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            records = list(reader)
-            columns = set(reader.fieldnames or ())
-    except FileNotFoundError:
-        raise UserError(f"{path}: manifest not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise UserError(f"{path}: cannot read manifest ({error})") from None
-    path_column = next((c for c in ("path", "wav") if c in columns), None)
-    if path_column is None:
-        raise UserError(f"{path}: manifest needs a 'path' (or 'wav') column; found {', '.join(sorted(columns))}")
-    speaker_column = next((c for c in ("spk", "spk_id") if c in columns), None)
+def manifest_rows(path: str | Path) -> list[ManifestRow]:
+    """The utterances of a manifest CSV (`path`; optional `ID`, `spk`, `start`, `stop`), read and checked by the
+    data package's manifest reader, so that rows are numbered as `ecapa-accel data check` numbers them."""
+    problems = Problems()
+    manifest = read_manifest(path, problems, needs_speaker=False)
+    problems.raise_if_any()
+    paths = manifest.column("path")
+    ids = manifest.column("ID") or paths
+    speakers = manifest.column("spk")
     rows = []
-    for number, record in enumerate(records, start=2):  # row 1 is the header
-        where = f"{path} row {number}"
-        if not record.get(path_column):
-            raise UserError(f"{where}: empty '{path_column}'")
-        try:
-            start = float(record["start"]) if record.get("start") else None
-            stop = float(record["stop"]) if record.get("stop") else None
-        except ValueError:
-            raise UserError(f"{where}: 'start'/'stop' must be numbers (seconds)") from None
-        item = audio_item(path.parent / record[path_column], where, start, stop)
-        rows.append(ManifestRow(item, record.get("ID") or record[path_column],
-                                record[speaker_column] if speaker_column else None))
+    for row in range(len(manifest)):
+        start, stop = manifest.segment(row)
+        item = audio_item(manifest.audio_path(row), f"{manifest.csv} row {row + 1}", start, stop)
+        rows.append(ManifestRow(item, ids[row] or paths[row], speakers[row] if speakers else None))
     return rows
 
 
 def _decode(item: AudioItem, sample_rate: int) -> torch.Tensor:
     """Mono float32 waveform of the item at `sample_rate`."""
-    wave, rate = read_mono(item.path)
-    wave = wave[item.start:item.stop]
-    return wave if rate == sample_rate else AF.resample(wave, rate, sample_rate)
+    return decode_audio(item.path, sample_rate, item.start, item.stop)
 
 
 def _prefetched(function: Callable, items: Iterable, workers: int) -> Iterator:
@@ -289,49 +194,22 @@ def embed_items(
 ) -> torch.Tensor:
     """Full-utterance embeddings (len(items), embed_dim) on the CPU, equal to `encoder.embed_file` on each item.
 
-    Utterances are decoded once, shortest first, by background threads; utterances of equal length share forward
-    batches, so no padding ever changes an embedding. Files longer than `max_chunk_seconds` are embedded in
-    near-equal chunks whose embeddings are averaged, as `embed_file` does.
+    Every length is checked before anything is decoded. Utterances are decoded by background threads, shortest
+    first, and embedded by `encoder.embed_waves` (chunks and batches). A progress bar goes to stderr when it
+    is a terminal.
     """
     eval_cfg = eval_cfg or EvalConfig()
     sample_rate = encoder.sample_rate
     for item in items:
-        samples = -(-(item.stop - item.start) * sample_rate // item.sample_rate)  # resampled length, rounded up
-        if encoder.front_end.num_frames(samples) < MIN_FRAMES:
-            raise UserError(f"{item.path}: too short to embed ({item.seconds:.3f} s)")
-    device = next(encoder.parameters()).device
-    chunk = max_chunk_seconds * sample_rate
-    budget = eval_cfg.batch_seconds * sample_rate
-    pending: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    owners: list[int] = []
-    outputs: list[torch.Tensor] = []
-
-    def run(length: int) -> None:
-        group = pending.pop(length)
-        with torch.inference_mode():
-            outputs.append(encoder(torch.stack([piece for _, piece in group]).to(device)).float().cpu())
-        owners.extend(owner for owner, _ in group)
-
+        encoder.check_length(-(-(item.stop - item.start) * sample_rate // item.sample_rate), item.path)
     order = sorted(range(len(items)), key=lambda i: items[i].seconds)
-    for owner, wave in _prefetched(lambda i: (i, _decode(items[i], sample_rate)), order, eval_cfg.decode_workers):
-        pieces = wave.tensor_split(max(1, math.ceil(wave.numel() / chunk)))
-        lengths = {piece.numel() for piece in pieces}
-        for length in [length for length in pending if length not in lengths]:
-            run(length)  # shortest first: utterances of one length arrive together, so that group is complete
-        for piece in pieces:
-            group = pending.setdefault(piece.numel(), [])
-            group.append((owner, piece))
-            if piece.numel() * len(group) >= budget:
-                run(piece.numel())
-    for length in list(pending):
-        run(length)
-    return _group_means(torch.cat(outputs), torch.tensor(owners), len(items))
-
-
-def _group_means(rows: torch.Tensor, owners: torch.Tensor, groups: int) -> torch.Tensor:
-    """(groups, dim): the mean of the rows each group owns."""
-    sums = torch.zeros(groups, rows.shape[1]).index_add_(0, owners, rows)
-    return sums / torch.bincount(owners, minlength=groups).float()[:, None]
+    decoded = _prefetched(lambda i: (items[i].path, _decode(items[i], sample_rate)), order, eval_cfg.decode_workers)
+    with closing(decoded), tqdm(decoded, total=len(items), desc="embedding", unit="file", leave=False,
+                                 disable=None, file=sys.stderr) as progress:
+        embeddings = encoder.embed_waves(progress, max_chunk_seconds, eval_cfg.batch_seconds)
+    in_order = torch.empty_like(embeddings)
+    in_order[torch.tensor(order, dtype=torch.long)] = embeddings
+    return in_order
 
 
 def cosine_scores(embeddings: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -351,18 +229,13 @@ class TrialList:
     items: list[AudioItem]
     pairs: torch.Tensor  # (trials, 2): enroll and test index into `items`
     labels: np.ndarray  # 1 target, 0 non-target
+    source: Path
 
 
-def load_trials(eval_cfg: EvalConfig) -> TrialList:
-    """Read `eval_cfg.trials` and check every audio file it names (headers only).
-
-    Trial entries are paths relative to `eval_cfg.audio_root` (default: the trials file's folder), or IDs looked
-    up in `eval_cfg.manifest` when one is given.
-    """
-    trials_path = Path(eval_cfg.trials)
+def _trial_list(trials_path: Path, audio_root: str | Path | None, by_id: dict[str, AudioItem] | None,
+                manifest: str | Path | None) -> TrialList:
     trials, layout = read_trials(trials_path)
-    root = Path(eval_cfg.audio_root) if eval_cfg.audio_root else trials_path.parent
-    by_id = {row.id: row.item for row in read_manifest(eval_cfg.manifest)} if eval_cfg.manifest else None
+    root = Path(audio_root) if audio_root else trials_path.parent
     hint = " (Kaldi-style IDs: pass a manifest CSV with ID,path columns)" if layout == "kaldi" and not by_id else ""
     index: dict[str, int] = {}
     items: list[AudioItem] = []
@@ -373,7 +246,7 @@ def load_trials(eval_cfg: EvalConfig) -> TrialList:
             where = f"{trials_path} line {trial.line}"
             if by_id is not None:
                 if key not in by_id:
-                    raise UserError(f"{where}: utterance '{key}' is not in manifest {eval_cfg.manifest}")
+                    raise UserError(f"{where}: utterance '{key}' is not in manifest {manifest}")
                 item = by_id[key]
             else:
                 try:
@@ -383,7 +256,17 @@ def load_trials(eval_cfg: EvalConfig) -> TrialList:
             index[key] = len(items)
             items.append(item)
     pairs = torch.tensor([(index[t.enroll], index[t.test]) for t in trials])
-    return TrialList(trials, items, pairs, np.array([trial.label for trial in trials]))
+    return TrialList(trials, items, pairs, np.array([trial.label for trial in trials]), trials_path)
+
+
+def load_trials(eval_cfg: EvalConfig) -> TrialList:
+    """Read `eval_cfg.trials` and check every audio file it names (headers only).
+
+    Trial entries are paths relative to `eval_cfg.audio_root` (default: the trials file's folder), or IDs looked
+    up in `eval_cfg.manifest` when one is given.
+    """
+    by_id = {row.id: row.item for row in manifest_rows(eval_cfg.manifest)} if eval_cfg.manifest else None
+    return _trial_list(Path(eval_cfg.trials), eval_cfg.audio_root, by_id, eval_cfg.manifest)
 
 
 def validate(encoder: EcapaEncoder, eval_cfg: EvalConfig, scores_out: Path | None = None) -> dict:
@@ -399,10 +282,8 @@ def validate(encoder: EcapaEncoder, eval_cfg: EvalConfig, scores_out: Path | Non
     return score_report(scores, labels)
 
 
-def _cohort_owners(rows: list[ManifestRow], source: str | Path) -> torch.Tensor:
+def _cohort_members(rows: list[ManifestRow], source: str | Path) -> torch.Tensor:
     """The cohort member of each manifest row: one per speaker when the manifest names speakers, else per file."""
-    if not rows:
-        raise UserError(f"{source}: the cohort manifest lists no audio")
     keys = [row.speaker if row.speaker is not None else number for number, row in enumerate(rows)]
     members = {key: member for member, key in enumerate(dict.fromkeys(keys))}
     if len(members) < 2:
@@ -410,48 +291,122 @@ def _cohort_owners(rows: list[ManifestRow], source: str | Path) -> torch.Tensor:
     return torch.tensor([members[key] for key in keys])
 
 
+def _distinct_items(trial_lists: list[TrialList]) -> tuple[list[AudioItem], list[torch.Tensor]]:
+    """Every utterance of all trial lists once, and each list's pairs as indices into them."""
+    index: dict[tuple, int] = {}
+    items: list[AudioItem] = []
+    pairs = []
+    for trial_list in trial_lists:
+        position = []
+        for item in trial_list.items:
+            key = (item.path.resolve(), item.start, item.stop)  # one file reached by two relative paths
+            if key not in index:
+                index[key] = len(items)
+                items.append(item)
+            position.append(index[key])
+        pairs.append(torch.tensor(position)[trial_list.pairs])
+    return items, pairs
+
+
 def evaluate_trials(
     model_dir: str | Path,
-    trials: str | Path,
+    trials: str | Path | Sequence[str | Path],
     audio_root: str | Path | None = None,
     cohort: str | Path | None = None,
-    scores_out: str | Path | None = None,
+    scores_out: str | Path | Sequence[str | Path] | None = None,
     manifest: str | Path | None = None,
     top_k: int = 300,
+    p_targets: Sequence[float] | None = None,
     device: str | torch.device | None = None,
-) -> dict:
-    """`ecapa-accel eval`: cosine-score a trials list with an export folder (or run directory).
+) -> dict | list[dict]:
+    """`ecapa-accel eval`: cosine-score trials lists with an export folder (or run directory).
 
-    Returns `{"eer", "min_dcf", "trials", "threshold"}` for the raw cosine scores; with a cohort manifest also
-    `"asnorm": {"eer", "min_dcf", "threshold", "top_k", "cohort_size"}` for the AS-normalised ones. `scores_out`
-    gets one line per trial: `enroll test cosine [asnorm] label`.
+    For one trials file returns `{"eer", "min_dcf", "trials", "threshold"}` for the raw cosine scores; with a
+    cohort manifest also `"asnorm": {"eer", "min_dcf", "threshold", "top_k", "cohort_size"}` for the
+    AS-normalised ones. minDCF is at p_target 0.01 or the first of `p_targets`; with `p_targets`, "min_dcf_at"
+    maps each to its minDCF. For several trials files (a sequence of more than one) returns a list of such
+    reports, each with "trials_file"; every audio file is embedded once for all of them. `scores_out` (one per trials file) gets one line per
+    trial: `enroll test cosine [asnorm] label`.
     """
+    trials_files = [Path(path) for path in ([trials] if isinstance(trials, (str, Path)) else trials)]
+    several = len(trials_files) > 1
+    if scores_out is not None:
+        scores_files = [Path(path) for path in ([scores_out] if isinstance(scores_out, (str, Path)) else scores_out)]
+        if len(scores_files) != len(trials_files):
+            raise UserError(f"--scores: give one per --trials ({len(trials_files)} trials files, "
+                            f"{len(scores_files)} scores files)")
     if top_k < 1:
         raise UserError(f"AS-norm top_k must be at least 1, got {top_k}")
+    if p_targets is not None:
+        check_p_targets(p_targets)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder = EcapaEncoder.from_pretrained(model_dir).to(device).eval()
-    eval_cfg = EvalConfig(trials=str(trials), audio_root=str(audio_root) if audio_root else None,
-                          manifest=str(manifest) if manifest else None)
-    trial_list = load_trials(eval_cfg)
-    cohort_rows = read_manifest(cohort) if cohort is not None else []
-    cohort_owners = _cohort_owners(cohort_rows, cohort) if cohort is not None else None
-    embeddings = embed_items(encoder, trial_list.items + [row.item for row in cohort_rows], eval_cfg)
-    trial_embeddings = embeddings[: len(trial_list.items)]
-    pairs = trial_list.pairs
-    scores = cosine_scores(trial_embeddings, pairs)
-    report = score_report(scores, trial_list.labels)
-    columns = [scores]
+    by_id = {row.id: row.item for row in manifest_rows(manifest)} if manifest is not None else None
+    trial_lists = [_trial_list(path, audio_root, by_id, manifest) for path in trials_files]
+    cohort_rows = manifest_rows(cohort) if cohort is not None else []
+    cohort_members = _cohort_members(cohort_rows, cohort) if cohort is not None else None
+
+    items, pairs_of_list = _distinct_items(trial_lists)
+    embeddings = embed_items(encoder, items + [row.item for row in cohort_rows], EvalConfig())
+    trial_embeddings = embeddings[: len(items)]
     if cohort is not None:
-        members = _group_means(embeddings[len(trial_list.items):], cohort_owners, int(cohort_owners.max()) + 1)
-        mean, std = cohort_top_k_stats(trial_embeddings, members, top_k)
-        normalised = as_norm(scores, (mean[pairs[:, 0]], std[pairs[:, 0]]), (mean[pairs[:, 1]], std[pairs[:, 1]]))
-        columns.append(normalised)
-        report["asnorm"] = {**score_report(normalised, trial_list.labels), "top_k": min(top_k, members.shape[0]),
-                            "cohort_size": members.shape[0]}
-    if scores_out is not None:
-        lines = []
-        for i, trial in enumerate(trial_list.trials):
-            values = " ".join(f"{float(column[i]):.6f}" for column in columns)
-            lines.append(f"{trial.enroll} {trial.test} {values} {trial.label}\n")
-        Path(scores_out).write_text("".join(lines), encoding="utf-8")
-    return report
+        members = mean_by_group(embeddings[len(items):], cohort_members, int(cohort_members.max()) + 1)
+        cohort_mean, cohort_std = cohort_top_k_stats(trial_embeddings, members, top_k)
+    reports = []
+    for number, (trial_list, pairs) in enumerate(zip(trial_lists, pairs_of_list)):
+        scores = cosine_scores(trial_embeddings, pairs)
+        report = {"trials_file": str(trial_list.source)} if several else {}
+        report.update(score_report(scores, trial_list.labels, p_targets))
+        columns = [scores]
+        if cohort is not None:
+            enroll, test = pairs[:, 0], pairs[:, 1]
+            normalised = as_norm(scores, (cohort_mean[enroll], cohort_std[enroll]),
+                                 (cohort_mean[test], cohort_std[test]))
+            columns.append(normalised)
+            report["asnorm"] = {**score_report(normalised, trial_list.labels, p_targets),
+                                "top_k": min(top_k, members.shape[0]), "cohort_size": members.shape[0]}
+        if scores_out is not None:
+            _write_scores(scores_files[number], trial_list.trials, columns)
+        reports.append(report)
+    return reports if several else reports[0]
+
+
+def _write_scores(path: Path, trials: list[Trial], columns: list[torch.Tensor]) -> None:
+    lines = []
+    for i, trial in enumerate(trials):
+        values = " ".join(f"{float(column[i]):.6f}" for column in columns)
+        lines.append(f"{trial.enroll} {trial.test} {values} {trial.label}\n")
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def verify_pair(model_dir: str | Path, first: str | Path, second: str | Path,
+                device: str | torch.device | None = None) -> dict:
+    """`ecapa-accel verify`: `{"score", "threshold", "same"}` for two audio files.
+
+    `score` is the cosine of their embeddings; `threshold` is the export's calibrated threshold (config.json
+    "threshold") or None, and `same` is score >= threshold (None without a threshold).
+    """
+    items = [audio_item(path, "verify") for path in (first, second)]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    encoder = EcapaEncoder.from_pretrained(model_dir).to(device).eval()
+    score = float(cosine_scores(embed_items(encoder, items), torch.tensor([[0, 1]]))[0])
+    threshold = encoder.threshold
+    return {"score": score, "threshold": threshold, "same": None if threshold is None else score >= threshold}
+
+
+def report_lines(report: dict | list[dict]) -> list[str]:
+    """`ecapa-accel eval` without --json: a line for the raw scores (and one for AS-norm) per trials file."""
+    lines = []
+    for one in report if isinstance(report, list) else [report]:
+        prefix = f"{one['trials_file']}: " if "trials_file" in one else ""
+        lines.append(f"{prefix}{one['trials']} trials: {_rates(one)}")
+        if "asnorm" in one:
+            norm = one["asnorm"]
+            lines.append(f"{prefix}AS-norm (top {norm['top_k']} of {norm['cohort_size']} cohort): {_rates(norm)}")
+    return lines
+
+
+def _rates(values: dict) -> str:
+    costs = values.get("min_dcf_at")
+    dcf = ", ".join(f"minDCF({p}) {v:.4f}" for p, v in costs.items()) if costs else f"minDCF {values['min_dcf']:.4f}"
+    return f"EER {values['eer']:.3f}%, {dcf}, threshold {values['threshold']:.4f}"

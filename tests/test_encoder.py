@@ -142,3 +142,16 @@ def test_loading_a_damaged_export_is_a_user_error_naming_the_path(tmp_path, dama
     with pytest.raises(UserError) as error:
         EcapaEncoder.from_pretrained(model_dir)
     assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_export_config_carries_a_threshold_and_averaged_steps(tmp_path):
+    encoder = tiny_encoder()
+    encoder.threshold, encoder.averaged_steps = 0.42, [800, 900]
+    encoder.save_pretrained(tmp_path / "export")
+    loaded = EcapaEncoder.from_pretrained(tmp_path / "export")
+    assert (loaded.threshold, loaded.averaged_steps) == (0.42, [800, 900])
+    assert EcapaEncoder.from_pretrained(tiny_encoder().save_pretrained(tmp_path / "plain")).threshold is None
+
+    _write_config(tmp_path / "export", threshold="high")
+    with pytest.raises(UserError, match="'threshold' must be a number"):
+        EcapaEncoder.from_pretrained(tmp_path / "export")

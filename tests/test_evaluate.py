@@ -279,7 +279,7 @@ def test_validate_writes_score_label_lines(tmp_path, corpus):
         ("missing_wav", r"trials\.txt line 2: audio file not found: .*ghost\.wav"),
         ("malformed", r"trials\.txt line 3: expected '1 a\.wav b\.wav' like the lines above"),
         ("not_audio", r"trials\.txt line 1: .*notes\.wav is not a readable audio file"),
-        ("empty_cohort", r"empty\.csv: the cohort manifest lists no audio"),
+        ("empty_cohort", r"empty\.csv: no rows after the header"),
         ("kaldi_without_manifest", r"audio file not found: .*test-spk0-0 \(Kaldi-style IDs: pass a manifest"),
         ("unknown_id", r"trials\.txt line 1: utterance 'nobody' is not in manifest .*train\.csv"),
         ("one_speaker_cohort", r"one\.csv: AS-norm needs at least 2 cohort speakers or files, got 1"),
@@ -317,3 +317,96 @@ def test_eval_bad_inputs_exit_2_with_one_line(capsys, export_dir, corpus, case, 
     assert out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
     assert re.search(message, err), err
+
+
+# ---- several trials files, several p_target values, verify
+
+
+def assert_same_report(got: dict, expected: dict) -> None:
+    """Equal keys (nested too); numbers equal up to float noise of a different batching."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, dict):
+            assert_same_report(got[key], value)
+        else:
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_several_trials_files_report_what_separate_evals_report(capsys, export_dir, corpus, tone_corpus):
+    everything = write_trials(corpus).read_text().splitlines()
+    first, second = corpus.parent / "first.txt", corpus.parent / "second.txt"
+    first.write_text("\n".join(everything[:30]) + "\n")
+    second.write_text("\n".join(everything[20:]) + "\n")  # overlapping utterances: embedded once for both
+    cohort = tone_corpus("cohort", speakers=4, utterances=2, seed=1)
+    common = ["--cohort", cohort, "--top-k", 3, "--json"]
+
+    code, out, err = run_cli(capsys, "eval", export_dir, "--trials", first, "--trials", second,
+                             "--scores", corpus.parent / "both_1.txt", "--scores", corpus.parent / "both_2.txt", *common)
+    assert code == 0, err
+    together = json.loads(out)
+    assert isinstance(together, list) and [r["trials_file"] for r in together] == [str(first), str(second)]
+    for report, trials, scores in zip(together, (first, second), ("both_1.txt", "both_2.txt")):
+        code, out, _ = run_cli(capsys, "eval", export_dir, "--trials", trials, "--scores",
+                               corpus.parent / "alone.txt", *common)
+        alone = json.loads(out)
+        assert "trials_file" not in alone  # one trials file: one object, as before
+        assert_same_report({k: v for k, v in report.items() if k != "trials_file"}, alone)
+        together_lines = [line.split() for line in (corpus.parent / scores).read_text().splitlines()]
+        alone_lines = [line.split() for line in (corpus.parent / "alone.txt").read_text().splitlines()]
+        assert [line[:2] + line[-1:] for line in together_lines] == [line[:2] + line[-1:] for line in alone_lines]
+        for a, b in zip(together_lines, alone_lines):  # cosine, then AS-norm (which magnifies float noise)
+            assert float(a[2]) == pytest.approx(float(b[2]), abs=2e-6)
+            assert float(a[3]) == pytest.approx(float(b[3]), rel=1e-3)
+
+
+def test_p_target_is_repeatable_and_min_dcf_is_at_the_first(capsys, export_dir, corpus):
+    trials, scores_file = write_trials(corpus), corpus.parent / "scores.txt"
+    code, out, _ = run_cli(capsys, "eval", export_dir, "--trials", trials, "--scores", scores_file,
+                           "--p-target", 0.05, "--p-target", 0.001, "--p-target", 0.5, "--json")
+    assert code == 0
+    report = json.loads(out)
+    lines = [line.split() for line in scores_file.read_text().splitlines()]
+    scores, labels = [float(line[2]) for line in lines], [int(line[3]) for line in lines]
+    assert set(report["min_dcf_at"]) == {"0.05", "0.001", "0.5"}
+    for p in (0.05, 0.001, 0.5):
+        assert report["min_dcf_at"][f"{p:g}"] == pytest.approx(brute_force_min_dcf(scores, labels, p), abs=1e-9)
+    assert report["min_dcf"] == report["min_dcf_at"]["0.05"]
+    assert report["min_dcf_at"]["0.5"] != pytest.approx(report["min_dcf_at"]["0.001"])
+
+    code, out, _ = run_cli(capsys, "eval", export_dir, "--trials", trials)  # the text report names each p_target
+    assert code == 0 and "minDCF " in out and "minDCF(" not in out
+    code, out, err = run_cli(capsys, "eval", export_dir, "--trials", trials, "--p-target", 1.5)
+    assert code == 2 and out == "" and "--p-target must be within (0, 1), got 1.5" in err
+
+
+def test_verify_prints_the_cosine_and_decides_with_a_calibrated_threshold(capsys, export_dir, corpus):
+    a, b = corpus.parent / "spk0/utt0.wav", corpus.parent / "spk1/utt1.wav"
+    encoder = EcapaEncoder.from_pretrained(export_dir)
+    expected = torch.cosine_similarity(encoder.embed_file(a), encoder.embed_file(b), dim=0).item()
+    code, out, _ = run_cli(capsys, "verify", export_dir, a, b)
+    assert code == 0
+    assert float(out) == pytest.approx(expected, abs=1e-5) and len(out.split()) == 1  # no threshold: score only
+
+    config_path = export_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    for threshold, decision in ((expected - 0.01, "same"), (expected + 0.01, "different")):
+        config_path.write_text(json.dumps({**config, "threshold": threshold}))
+        code, out, _ = run_cli(capsys, "verify", export_dir, a, b)
+        assert code == 0 and out.split()[1] == decision
+        code, out, _ = run_cli(capsys, "verify", export_dir, a, b, "--json")
+        assert json.loads(out) == pytest.approx({"score": expected, "threshold": threshold,
+                                                 "same": decision == "same"}, abs=1e-5)
+
+    code, out, err = run_cli(capsys, "verify", export_dir, a, corpus.parent / "nobody.wav")
+    assert code == 2 and out == "" and "nobody.wav" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_cohort_rows_are_numbered_as_data_check_numbers_them(capsys, export_dir, corpus):
+    cohort = corpus.parent / "cohort.csv"
+    cohort.write_text("ID,path,spk\nc1,spk0/utt0.wav,a\nc2,spk0/ghost.wav,b\nc3,spk1/utt0.wav,c\n")
+    code, _, check_err = run_cli(capsys, "data", "check", cohort)
+    assert code == 2
+    code, _, eval_err = run_cli(capsys, "eval", export_dir, "--trials", write_trials(corpus), "--cohort", cohort)
+    assert code == 2
+    assert "row 2 (ID c2)" in check_err and "ghost.wav" in check_err
+    assert eval_err == check_err  # one reader, one message

@@ -99,3 +99,15 @@ def test_plot_bad_run_dir_exits_2(tmp_path, capsys, make, message):
     code, out, err = run_cli(capsys, "plot", run_dir)
     assert code == 2
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_metrics_and_plots_import_without_torch_or_soundfile():
+    import subprocess
+    import sys
+
+    code = ("import sys, ecapa_accel.metrics, ecapa_accel.plot, ecapa_accel as ea; "
+            "assert ea.compute_eer([0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1]) == 0.0; "
+            "heavy = {'torch', 'soundfile', 'datasets'} & set(sys.modules); assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

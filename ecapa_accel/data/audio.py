@@ -95,10 +95,11 @@ def read_crop(
     return wave[:crop_samples]
 
 
-def read_audio(path: str, sample_rate: int) -> torch.Tensor:
-    """A whole file as mono float32 at `sample_rate` (used for short files such as room impulse responses)."""
+def read_audio(path: str, sample_rate: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Frames [start, stop) of a file (default: all of it) as mono float32 at `sample_rate` (impulse responses,
+    evaluation utterances)."""
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        data, rate = soundfile.read(path, start=start, stop=stop, dtype="float32", always_2d=True)
     except DECODE_ERRORS as error:
         raise UnreadableAudio(_reason(error)) from None
     if len(data) == 0:
