@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from .config import FeaturesConfig
+from .config import INIT_FORMATS, FeaturesConfig
 from .encoder import EcapaEncoder
 from .errors import UserError
 from .model import RES2_SCALE, EcapaTdnn
 
-PEERS = ("3dspeaker", "wespeaker", "speechbrain")
+PEERS = INIT_FORMATS  # the peers whose checkpoints convert (and model.init_from) read
 
 PEER_FRONT_ENDS = {
     "3dspeaker": {"kind": "kaldi", "window": "povey", "waveform_scale": 1.0},
