@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
@@ -13,32 +12,19 @@ from matplotlib.figure import Figure
 
 from .errors import UserError
 from .metrics import det_curve
+from .rundir import RunDir
 
 _DET_TICKS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95, 0.99)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The records of RUN_DIR/metrics.jsonl; a last line cut short by a kill is ignored."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not Path(run_dir).is_dir():
+    """The records of RUN_DIR/metrics.jsonl (the run directory's own reader: a last line cut short is ignored)."""
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
         raise UserError(f"{run_dir}: run directory not found")
-    if not path.is_file():
-        raise UserError(f"{path}: not found (has the run logged anything yet?)")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UserError(f"{path} line {number}: not a JSON object") from None
-        if not isinstance(record, dict) or "step" not in record:
-            raise UserError(f"{path} line {number}: a record must be a JSON object with a 'step'")
-        records.append(record)
-    return records
+    if not run.metrics.is_file():
+        raise UserError(f"{run.metrics}: not found (has the run logged anything yet?)")
+    return run.read_metrics()
 
 
 def _series(records: list[dict], kind: str, key: str) -> tuple[np.ndarray, np.ndarray]:
