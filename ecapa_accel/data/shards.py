@@ -268,8 +268,10 @@ def _group_of_rows(plan: list[list[tuple[int, int]]]) -> np.ndarray:
 def _write_shard(path: str, per_row: pa.Table, paths: list[str], blocks: list[tuple[int, int]], pack_id: str,
                  csv_path: Path, kept: np.ndarray) -> None:
     schema = SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps({"version": VERSION, "pack_id": pack_id})})
-    with pq.ParquetWriter(path, schema, compression={name: "none" if name == "audio" else "zstd"
-                                                     for name in schema.names}) as writer:
+    others = [name for name in schema.names if name != "audio"]
+    # Audio bytes as they are: no compression, no dictionary, no min/max statistics in the footer.
+    with pq.ParquetWriter(path, schema, compression={name: "zstd" for name in others} | {"audio": "none"},
+                          use_dictionary=["spk"], write_statistics=others) as writer:
         for first, end in blocks:
             audio = []
             for i in range(first, end):
@@ -368,7 +370,8 @@ class ShardDataset:
 
     def __init__(self, spec: str):
         self.spec = spec
-        self.fs, self.folder, pattern = _open_location(spec)
+        self._fs, self.folder, pattern = _open_location(spec)
+        self._fs_pid = os.getpid()
         self.index_path = posixpath.join(self.folder, INDEX)
         self.index = self._read_index()
         self.block_rows = int(self.index["block_rows"])
@@ -408,6 +411,14 @@ class ShardDataset:
 
     def __len__(self) -> int:
         return len(self.shard_of_row)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The pack's file system; a forked data-loading worker opens its own (fsspec's async ones are not
+        fork-safe)."""
+        if self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = _open_location(self.spec)[0], os.getpid()
+        return self._fs
 
     @property
     def csv(self) -> str:

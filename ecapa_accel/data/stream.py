@@ -148,7 +148,12 @@ class TrainingData:
 
     def paths_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         """The audio files drawn at positions of an epoch (to name them in messages)."""
-        return [self._sources[dataset].manifest.audio_path(row) for dataset, row in self.locate(epoch, positions)]
+        return [self._named(dataset, row) for dataset, row in self.locate(epoch, positions)]
+
+    def _named(self, dataset: int, row: int) -> str:
+        """A row's audio named for messages: its file, or its shard and CSV row."""
+        manifest = self._sources[dataset].manifest
+        return manifest.where(row) if isinstance(manifest, ShardDataset) else manifest.audio_path(row)
 
     def datasets_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         return [self.dataset_names[dataset] for dataset, _ in self.locate(epoch, positions)]
@@ -176,9 +181,9 @@ class TrainingData:
                 # Another row of the same dataset, chosen by (seed, epoch, position, attempt): still deterministic.
                 substitutes = random_stream(self.seed, SUBSTITUTE, epoch, position, attempt)
                 substitute = int(substitutes.integers(len(source.manifest)))
-                named = source.manifest.where(row)
+                named = self._named(dataset, row)
                 if isinstance(source.manifest, Manifest):
-                    named = f"{source.manifest.audio_path(row)} ({named})"
+                    named += f" ({source.manifest.where(row)})"
                 logger.warning("unreadable audio %s: %s; using row %d instead", named, error, substitute + 1)
                 row, replaced = substitute, True
         else:
