@@ -9,7 +9,7 @@ import types
 from importlib import import_module
 
 from .config import Config, load_config
-from .errors import UserError
+from .errors import Preempted, UserError
 
 __version__ = "0.1.0"
 
@@ -32,7 +32,7 @@ _LAZY = {
     "run_status": "checkpoint",
 }
 
-__all__ = ["Config", "UserError", "load_config", *_LAZY]
+__all__ = ["Config", "Preempted", "UserError", "load_config", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .rundir import CHECKPOINTS, EXPORT, RunDir, fsync_dir, fsync_tree
+from .errors import StorageError, UserError
+from .rundir import RunDir, fsync_dir, fsync_tree, storage_errors
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -202,29 +202,63 @@ class CheckpointSaver:
         return True
 
     def save(self, state: TrainerState) -> Path:
-        """Collective: every process calls it. Returns the complete checkpoint folder."""
+        """Collective: every process calls it. Returns the complete checkpoint folder.
+
+        A failed write (e.g. a full disk) on any process fails the save on all of them with one StorageError,
+        after removing the partial folder; the complete checkpoints before it are untouched."""
         accelerator = self.accelerator
         final = self.folder / f"step_{state.step}"
         temporary = self.folder / f".step_{state.step}.tmp"
+        failure = None
         if accelerator.is_main_process:
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(temporary))
-        accelerator.wait_for_everyone()
+            failure = _attempt(final, lambda: (shutil.rmtree(temporary, ignore_errors=True),
+                                               temporary.mkdir(parents=True)))
+        if not self._all_succeeded(failure):
+            self._fail(failure, temporary)
+        failure = _attempt(final, lambda: accelerator.save_state(str(temporary)))
+        if not self._all_succeeded(failure):
+            self._fail(failure, temporary)
         if accelerator.is_main_process:
-            record = {**dataclasses.asdict(state), "files": _file_list(temporary)}
-            (temporary / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
-            fsync_tree(temporary)
-            # Only a folder without a trainer state (never loaded) can stand here: it must not block the rename.
-            shutil.rmtree(final, ignore_errors=True)
-            os.rename(temporary, final)
-            fsync_dir(self.folder)
-            for old in complete_checkpoints(self.folder.parent)[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+            failure = _attempt(final, lambda: self._complete(state, temporary, final))
+        if not self._all_succeeded(failure):
+            self._fail(failure, temporary)
         self.last_save_time = time.monotonic()
         return final
+
+    def _complete(self, state: TrainerState, temporary: Path, final: Path) -> None:
+        record = {**dataclasses.asdict(state), "files": _file_list(temporary)}
+        (temporary / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
+        fsync_tree(temporary)
+        # Only a folder without a trainer state (never loaded) can stand here: it must not block the rename.
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(temporary, final)
+        fsync_dir(self.folder)
+        for old in complete_checkpoints(self.folder.parent)[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _all_succeeded(self, failure: Exception | None) -> bool:
+        """A barrier that also tells every process whether any of them failed."""
+        import torch
+
+        flag = torch.tensor([failure is not None], dtype=torch.int64, device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, reduction="sum").item()) == 0
+
+    def _fail(self, failure: Exception | None, temporary: Path) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if failure is None:
+            failure = StorageError(f"{temporary.parent}: another process failed to write the checkpoint")
+        raise failure
+
+
+def _attempt(final: Path, write) -> Exception | None:
+    """Run one part of a checkpoint write; return its StorageError instead of raising (bugs still raise)."""
+    try:
+        with storage_errors(final, "the checkpoint"):
+            write()
+    except StorageError as error:
+        return error
+    return None
 
 
 def run_status(run_dir: Path) -> dict:
@@ -235,7 +269,6 @@ def run_status(run_dir: Path) -> dict:
     newest = find_checkpoint(run.path, on_damaged=damaged.append)
     state = read_state(newest) if newest else TrainerState()
     intact = [path.name for path in complete_checkpoints(run.path) if damage(path) is None]
-    export = run.path / EXPORT
     return {
         "run_dir": str(run.path),
         "step": state.step,
@@ -243,9 +276,5 @@ def run_status(run_dir: Path) -> dict:
         "checkpoints": intact,
         "finished": state.finished,
         "damaged": damaged,
-        "export": (export / "model.safetensors").is_file() and (export / "config.json").is_file(),
+        "export": run.export.is_dir(),  # exports are renamed into place whole: present means complete
     }
-
-
-__all__ = ["CHECKPOINTS", "CheckpointSaver", "TrainerState", "complete_checkpoints", "damage", "find_checkpoint",
-           "read_state", "run_status", "sweep_incomplete"]

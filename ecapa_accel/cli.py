@@ -41,15 +41,26 @@ app.command("train", help="Train in this process (use `accelerate launch -m ecap
             "processes); a run directory that holds a run is resumed.")(train_entry)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(ctx: typer.Context) -> None:
+    """`ecapa-accel launch [accelerate launch options] CONFIG --run-dir DIR [KEY=VALUE ...]`: `accelerate launch
+    -m ecapa_accel.train` made safe to pre-empt: SIGTERM/SIGINT end every rank with a checkpoint of the same
+    step and exit 143/130, no traceback, no process left. Use it in SLURM scripts."""
+    from .launch import launch_training
+
+    sys.exit(launch_training(ctx.args))
+
+
 @app.command()
 def resume(
     run_dir: Path = typer.Argument(..., help="Run directory holding config.yaml."),
     overrides: Optional[List[str]] = OVERRIDES,
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step to resume (default: newest intact)."),
 ) -> None:
-    """Continue a run from RUN_DIR/config.yaml and its newest complete checkpoint."""
+    """Continue a run from RUN_DIR/config.yaml and its newest intact checkpoint (or --step N)."""
     from .trainer import resume as resume_run
 
-    resume_run(run_dir, overrides)
+    resume_run(run_dir, overrides, step)
 
 
 @app.command()

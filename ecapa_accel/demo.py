@@ -8,7 +8,7 @@ untrained network and the mean Kaldi fbank of each utterance (cosine-scored), wh
 
 from __future__ import annotations
 
-import json
+import math
 import signal
 import subprocess
 import sys
@@ -26,6 +26,7 @@ from .errors import UserError
 from .evaluate import cosine_scores, evaluate_trials, load_trials, score_report, validate
 from .model import build_model
 from .plot import plot_run
+from .rundir import RunDir
 from .synth import make_corpus
 
 
@@ -48,7 +49,10 @@ def untrained_baseline(cfg: Config) -> dict:
         return validate(encoder.eval(), cfg.eval)
 
 
-def demo_config(steps: int, seed: int) -> dict:
+DEMO_BATCH = 32
+
+
+def demo_config(steps: int, seed: int, epochs: int = 1000) -> dict:
     """A small ECAPA that learns the synthetic voices in a few CPU minutes; paths relative to the config file."""
     return {
         "data": {
@@ -65,8 +69,8 @@ def demo_config(steps: int, seed: int) -> dict:
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 0.0001, "warmup_epochs": 0.5, "min_lr": 0.00001},
         "train": {
             "seed": seed,
-            "batch_size": 32,
-            "epochs": 1000,  # max_steps decides
+            "batch_size": DEMO_BATCH,
+            "epochs": epochs,  # the LR schedule's horizon: just past max_steps
             "max_steps": steps,
             "mixed_precision": "no",
             "checkpoint_every_steps": max(1, steps // 4),
@@ -83,15 +87,7 @@ def _cli(*args: str) -> list[str]:
 
 def _logged_step(run_dir: Path) -> int:
     """The newest optimizer step in RUN_DIR/metrics.jsonl (0 before the first record)."""
-    path = run_dir / "metrics.jsonl"
-    step = 0
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                step = max(step, json.loads(line)["step"])
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line still being written
-    return step
+    return max((record["step"] for record in RunDir(run_dir).read_metrics()), default=0)
 
 
 def _train_until_sigterm(config: Path, run_dir: Path, stop_step: int) -> int:
@@ -123,7 +119,9 @@ def run_demo(out_dir: str | Path = "ecapa-demo", steps: int = 300, utterances_pe
     say(f"writing a synthetic corpus to {out_dir / 'corpus'} ...")
     corpus = make_corpus(out_dir / "corpus", seed=seed, utterances_per_speaker=utterances_per_speaker)
     config_path = out_dir / "demo.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(steps, seed), sort_keys=False), encoding="utf-8")
+    rows = max(len((out_dir / "corpus" / name / "train.csv").read_text().splitlines()) - 1 for name in ("setA", "setB"))
+    epochs = math.ceil(steps * DEMO_BATCH / (2 * rows))  # two datasets at weight 0.5: an epoch is 2 x the larger
+    config_path.write_text(yaml.safe_dump(demo_config(steps, seed, epochs), sort_keys=False), encoding="utf-8")
     cfg = load_config(config_path)
     say(f"corpus ready: training sets setA + setB, noise list, held-out trials {corpus['trials']}")
 

@@ -7,6 +7,11 @@ class UserError(Exception):
     """A bad config, CSV, path, key or resume request; the message is one line naming the culprit."""
 
 
+class StorageError(UserError):
+    """Writing into the run directory failed (disk full, permissions, ...): one line naming the path and the OS
+    error; what was complete before stays complete, so the run resumes once the cause is fixed."""
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM/SIGINT after checkpointing; a scheduler should requeue (exit 143/130)."""
 

@@ -22,7 +22,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UserError
+from .errors import StorageError, UserError
+
+_LOW_SPACE = 128 << 20  # bytes; below this a failed write is reported as a full disk
 
 CONFIG = "config.yaml"
 SPEAKERS = "speakers.json"
@@ -54,15 +56,39 @@ def fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
+@contextmanager
+def storage_errors(path: Path, what: str) -> Iterator[None]:
+    """Turn a failed write into one StorageError line naming `path`, e.g. "No space left on device".
+
+    torch's zip writer reports a full disk as a RuntimeError ("unexpected pos ..."), so that one is mapped too
+    when the disk is indeed (nearly) full."""
+    try:
+        yield
+    except OSError as error:
+        raise StorageError(f"{path}: cannot write {what}: {error.strerror or error}") from None
+    except RuntimeError:
+        try:
+            free = shutil.disk_usage(path if path.exists() else path.parent).free
+        except OSError:
+            raise
+        if free >= _LOW_SPACE:
+            raise
+        raise StorageError(f"{path}: cannot write {what}: No space left on device ({free >> 20} MiB free)") from None
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` so that a crash leaves either the old file or the new one."""
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_dir(path.parent)
+    with storage_errors(path, "the file"):
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
 
 @contextmanager
@@ -74,16 +100,17 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     """
     temporary = final.with_name(f".{final.name}.tmp")
     previous = final.with_name(f".{final.name}.old")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     try:
-        yield temporary
-        fsync_tree(temporary)
-        if final.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            os.rename(final, previous)
-        os.rename(temporary, final)
-        fsync_dir(final.parent)
+        with storage_errors(final, "the folder"):
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+            yield temporary
+            fsync_tree(temporary)
+            if final.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+                os.rename(final, previous)
+            os.rename(temporary, final)
+            fsync_dir(final.parent)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
@@ -148,7 +175,7 @@ class RunDir:
         return records
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.metrics, "a", encoding="utf-8") as handle:
+        with storage_errors(self.metrics, "a metrics record"), open(self.metrics, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, step: int) -> None:

@@ -38,6 +38,7 @@ from .optim import build_optimizer, learning_rate
 from .preflight import check_before_write
 from .pretrained import apply_init, record_init, resolve_init
 from .rundir import RunDir, atomic_folder, write_export_step
+from .runlock import run_lock
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -83,11 +84,9 @@ def _manifest_fingerprints(cfg: Config) -> dict[str, str]:
     return prints
 
 
-def _check_run_dir(cfg: Config, run: RunDir) -> Path | None:
+def _check_run_dir(cfg: Config, run: RunDir, step: int | None = None) -> Path | None:
     """Refuse incompatible reuse of a run directory; return the checkpoint to resume from, if any."""
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"{run.path}: --run-dir exists and is not a directory")
-    checkpoint = find_checkpoint(run.path, on_damaged=_say)
+    checkpoint = find_checkpoint(run.path, step, on_damaged=_say)
     if not run.is_run():
         if checkpoint is not None:
             raise UserError(f"{run.path}: holds checkpoints but no config.yaml; cannot resume it")
@@ -204,28 +203,36 @@ def export_run(run_dir: Path, out_dir: Path | None = None, step: int | None = No
     return f"exported {checkpoint.name} to {out_dir}"
 
 
-def train(cfg: Config, run_dir: str | Path) -> Path:
-    """Train (or resume) the run in `run_dir`; returns the export folder of the finished run.
-
-    Raises `Preempted` after checkpointing when SIGTERM/SIGINT asked the run to stop."""
-    run = RunDir(run_dir)
+def _plan(cfg: Config, run: RunDir, resume_step: int | None):
+    """Every check that can run before anything is written: (checkpoint to resume, data, steps per epoch,
+    schedule horizon, steps to train)."""
     check_before_write(cfg, run.path)
-    resume_from = _check_run_dir(cfg, run)
-    init = resolve_init(cfg) if resume_from is None else None  # model.init_from is read at step 0 only
-    cfg = record_init(cfg, init, run.config)  # config.yaml keeps where the weights came from
-    data = build_training_data(cfg, label_map=run.read_label_map())  # validates before anything is written
+    resume_from = _check_run_dir(cfg, run, resume_step)
+    data = build_training_data(cfg, label_map=run.read_label_map())
     steps_per_epoch = data.samples_per_epoch // cfg.train.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"data: one epoch holds {data.samples_per_epoch} samples, fewer than "
                         f"train.batch_size={cfg.train.batch_size}")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
+    horizon = cfg.train.epochs * steps_per_epoch  # where the LR schedule ends; max_steps only stops the run
+    total_steps = horizon if cfg.train.max_steps is None else min(horizon, cfg.train.max_steps)
+    return resume_from, data, steps_per_epoch, horizon, total_steps
+
+
+def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> Path:
+    """Train (or resume) the run in `run_dir`; returns the export folder of the finished run.
+
+    `resume_step` picks the checkpoint to resume (default: the newest intact one). Raises `Preempted` after
+    checkpointing when SIGTERM/SIGINT asked the run to stop."""
+    run = RunDir(run_dir)
+    resume_from, data, steps_per_epoch, horizon, total_steps = _plan(cfg, run, resume_step)
+    init = resolve_init(cfg) if resume_from is None else None  # model.init_from is read at step 0 only
+    cfg = record_init(cfg, init, run.config)  # config.yaml keeps where the weights came from
 
     with ExitStack() as cleanup:
         # ---- build
         accelerator = _build_accelerator(cfg, run)
         cleanup.callback(accelerator.end_training)  # trackers closed on every path; runs after the loop's waits
+        cleanup.enter_context(run_lock(run.path, accelerator))  # one job per run dir; before any write
         # The split needs the process count, which only the Accelerator knows (PartialState ignores ACCELERATE_USE_CPU).
         micro_batch, accelerator.gradient_accumulation_steps = batch_split(
             cfg.train.batch_size, accelerator.num_processes, cfg.train.max_device_batch_size
@@ -242,18 +249,18 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
         if init is not None:
             _say(apply_init(init, net.embedding, net.head, data.label_map))
         optimizer = build_optimizer(net.parameters(), cfg.optim)
-        state = read_state(resume_from) if resume_from is not None else TrainerState(horizon=total_steps)
+        state = read_state(resume_from) if resume_from is not None else TrainerState(horizon=horizon)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(
             step, steps_per_epoch, state.horizon, cfg.optim, state.lr_anchor) / cfg.optim.lr)
 
         # ---- prepare
         net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+        if accelerator.is_main_process:
+            run.truncate_metrics(state.step)  # what a killed run logged after its checkpoint is redone
         if resume_from is not None:
             accelerator.load_state(str(resume_from))
             accelerator.step = 0  # micro-step counter: restart on an optimizer-step boundary (accumulation may differ)
-            if accelerator.is_main_process:
-                run.truncate_metrics(state.step)
-            _replan_horizon(accelerator, run, state, total_steps, cfg.optim.warmup_epochs * steps_per_epoch,
+            _replan_horizon(accelerator, run, state, horizon, cfg.optim.warmup_epochs * steps_per_epoch,
                             scheduler)
         state.finished = state.step >= total_steps
         saver = CheckpointSaver(accelerator, run.path, cfg.train.checkpoint_every_steps,
@@ -268,7 +275,7 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
 
         # ---- loop
         net.train()
-        meter, step_bad, nonfinite_in_a_row = WindowMeter(), 0, 0
+        meter, step_bad, nonfinite_in_a_row, buffers = WindowMeter(), 0, 0, None
         while not state.finished and stop.signal is None:
             batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
                                    accelerator.num_processes, cfg.data.num_workers)
@@ -277,6 +284,8 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
                 waves = batch["waves"].to(accelerator.device, non_blocking=True)
                 labels = batch["labels"].to(accelerator.device, non_blocking=True)
                 step_bad += int(batch["bad"].sum())
+                if buffers is None:  # first micro-batch of an optimizer step
+                    buffers = [buffer.clone() for buffer in net.buffers()]
                 with accelerator.accumulate(net):
                     with torch.no_grad():
                         feats = front_end(waves)
@@ -291,6 +300,11 @@ def train(cfg: Config, run_dir: str | Path) -> Path:
                     continue
 
                 # ---- one optimizer step done (or skipped for a non-finite value)
+                if not finite:  # BatchNorm statistics of the bad batch must not reach the weights either
+                    with torch.no_grad():
+                        for buffer, saved in zip(net.buffers(), buffers):
+                            buffer.copy_(saved)
+                buffers = None
                 scheduler.step()
                 meter.steps += 1
                 batch_epoch = state.epoch
@@ -360,27 +374,25 @@ def _agree(accelerator: Accelerator, bad_files: int, stop_signal, time_due: bool
     return bad_files, bool(stop_requested), bool(time_due)
 
 
-def _replan_horizon(accelerator: Accelerator, run: RunDir, state: TrainerState, total_steps: int,
+def _replan_horizon(accelerator: Accelerator, run: RunDir, state: TrainerState, horizon: int,
                     warmup_steps: float, scheduler) -> None:
-    """A resume that moves the run's end (train.max_steps / train.epochs) re-plans the rest of the cosine from
-    the LR in effect now, so the LR never jumps; the rule is printed once and recorded in metrics.jsonl."""
-    if state.horizon == total_steps:
+    """A resume that changes train.epochs moves the end of the LR schedule: the rest of the cosine is re-planned
+    from the LR in effect now, so the LR never jumps (printed once, recorded in metrics.jsonl). Changing
+    train.max_steps only moves where the run stops and leaves the schedule as it was."""
+    if state.horizon == horizon:
         return
     if state.horizon == 0:  # a checkpoint written before horizons were recorded
-        state.horizon = total_steps
+        state.horizon = horizon
         return
     current = scheduler.get_last_lr()[0]
-    previous, state.horizon = state.horizon, total_steps
-    if state.step < warmup_steps:
-        return  # the cosine has not started: it simply starts from the new horizon
-    state.lr_anchor = [state.step, current]
-    record = {"type": "schedule", "step": state.step, "lr": current, "horizon": total_steps,
-              "previous_horizon": previous}
+    previous, state.horizon = state.horizon, horizon
+    if state.step >= warmup_steps:  # during warmup the cosine has not started: it simply ends elsewhere
+        state.lr_anchor = [state.step, current]
     if accelerator.is_main_process:
-        run.append_metrics(record)
-        print(f"the run now ends at step {total_steps} (was {previous}): the LR schedule continues from its current "
-              f"value {current:.3g} at step {state.step} to optim.min_lr at step {total_steps}, without a jump",
-              file=sys.stderr)
+        run.append_metrics({"type": "schedule", "step": state.step, "lr": current, "horizon": horizon,
+                            "previous_horizon": previous})
+        print(f"train.epochs changed: the LR schedule now ends at step {horizon} (was {previous}); it continues "
+              f"from its current value {current:.3g} at step {state.step}, without a jump", file=sys.stderr)
 
 
 def _best_export_kept(cfg: Config, run: RunDir, state: TrainerState) -> bool:
@@ -429,7 +441,7 @@ def _validate(accelerator: Accelerator, net, cfg: Config, run: RunDir, state: Tr
     state.best_eer, state.best_step = (None, None) if best_step < 0 else (best_eer, int(best_step))
 
 
-def resume(run_dir: str | Path, overrides: list[str] | None = None) -> Path:
-    """`ecapa-accel resume DIR [KEY=VALUE ...]`: continue from DIR/config.yaml (safe overrides only)."""
+def resume(run_dir: str | Path, overrides: list[str] | None = None, step: int | None = None) -> Path:
+    """`ecapa-accel resume DIR [--step N] [KEY=VALUE ...]`: continue from DIR/config.yaml (safe overrides only)."""
     run = RunDir(run_dir)
-    return train(_run_config(run, overrides), run.path)
+    return train(_run_config(run, overrides), run.path, resume_step=step)
