@@ -116,7 +116,7 @@ def apply_init(source: InitSource, embedding: EcapaTdnn, head: torch.nn.Module, 
     """
     embedding.load_state_dict(source.embedding)
     if source.source_run is None:
-        head_note = "fresh: the source is not a run of ours"
+        head_note = "fresh: the source is not in a run directory"
     elif source.label_map != run_label_map:
         head_note = f"fresh: the label map of {source.source_run} differs from this run's"
     elif source.head is None:
