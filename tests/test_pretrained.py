@@ -158,6 +158,26 @@ def test_shared_layout_needs_its_format_and_the_front_end_must_be_the_peers(tmp_
     assert resolve_init(load_config(config, [f"model.init_from={source}", "features.dither=1.0"])) is not None
 
 
+
+@pytest.mark.parametrize(
+    ("peer", "layout", "overrides", "named"),
+    [
+        ("wespeaker", wespeaker_layout(n_mels=24, channels=16, embed_dim=16),
+         ["features.window=hamming", "features.waveform_scale=32768"], "model.variant"),
+        ("3dspeaker", speechbrain_layout(n_mels=24, channels=32, embed_dim=16), [], "model.channels"),
+        ("3dspeaker", speechbrain_layout(n_mels=24, channels=16, embed_dim=32), [], "model.embed_dim"),
+    ],
+    ids=["variant", "channels", "embed_dim"],
+)
+def test_a_peer_checkpoint_of_another_model_is_refused_naming_the_key(tmp_path, tone_corpus, peer, layout, overrides,
+                                                                      named):
+    checkpoint = tmp_path / "peer.pt"
+    torch.save(random_state(layout), checkpoint)
+    cfg = load_config(write_config(tmp_path, tone_corpus),
+                      [f"model.init_from={checkpoint}", f"model.init_from_format={peer}", *overrides])
+    with pytest.raises(UserError, match=named):
+        resolve_init(cfg)
+
 def train_command(*args: str) -> int:
     with pytest.raises(SystemExit) as exit_info:
         main(["train", *map(str, args)])
