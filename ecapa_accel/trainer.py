@@ -11,7 +11,6 @@ position, which is what makes resume exact (also mid-epoch and with a different 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import signal
@@ -155,11 +154,12 @@ class StopRequest:
 
 
 class WindowMeter:
-    """Loss, accuracy and throughput averaged over the micro-batches since the last log line."""
+    """Loss, accuracy and throughput averaged over the micro-batches since `start_step` (the last log line, or
+    the start of the epoch)."""
 
-    def __init__(self):
-        self.loss, self.accuracy, self.micro_batches, self.samples, self.steps = 0.0, 0.0, 0, 0, 0
-        self.start = time.perf_counter()
+    def __init__(self, start_step: int = 0):
+        self.start_step, self.start = start_step, time.perf_counter()
+        self.loss, self.accuracy, self.micro_batches, self.samples = 0.0, 0.0, 0, 0
 
     def add(self, loss: torch.Tensor, accuracy: torch.Tensor, samples: int) -> None:
         self.loss += loss.detach().float()
@@ -167,13 +167,43 @@ class WindowMeter:
         self.micro_batches += 1
         self.samples += samples
 
-    def record(self, state: TrainerState, lr: float, margin: float) -> dict:
+    def record(self, kind: str, state: TrainerState, lr: float, margin: float) -> dict:
         elapsed = time.perf_counter() - self.start
-        return {"type": "train", "step": state.step, "epoch": state.epoch,
+        return {"type": kind, "step": state.step, "epoch": state.epoch,
                 "loss": float(self.loss) / self.micro_batches, "acc": float(self.accuracy) / self.micro_batches,
                 "lr": lr, "margin": margin, "samples_per_s": self.samples / elapsed,
-                "samples_per_step": self.samples // self.steps, "bad_files": state.bad_files,
-                "skipped_steps": state.skipped_steps, "time": time.time()}
+                "samples_per_step": self.samples // max(1, state.step - self.start_step),
+                "bad_files": state.bad_files, "skipped_steps": state.skipped_steps, "time": time.time()}
+
+
+class NonFiniteGuard:
+    """Keeps a non-finite loss or gradient from reaching the weights: the optimizer step is skipped (see
+    `_gradients_finite`), BatchNorm statistics are put back as they were before the batch, the step is counted,
+    and too many in a row fail the run naming the batch's files."""
+
+    def __init__(self, cfg):
+        self.max_in_a_row = cfg.max_nonfinite_steps
+        self.in_a_row = 0
+        self.buffers: list[torch.Tensor] | None = None
+
+    def remember(self, net) -> None:
+        if self.buffers is None:  # first micro-batch of an optimizer step
+            self.buffers = [buffer.clone() for buffer in net.buffers()]
+
+    def settle(self, net, finite: bool, state: TrainerState, batch_paths) -> None:
+        if not finite:
+            with torch.no_grad():
+                for buffer, saved in zip(net.buffers(), self.buffers):
+                    buffer.copy_(saved)
+        self.buffers = None
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        state.skipped_steps += not finite
+        if self.in_a_row > self.max_in_a_row:
+            paths = batch_paths()
+            shown = ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else "")
+            raise UserError(f"train: {self.in_a_row} optimizer steps in a row had a non-finite loss or gradient "
+                            f"(last: step {state.step + 1}, batch {shown}); more than train.max_nonfinite_steps="
+                            f"{self.max_in_a_row}: check optim.lr and the audio")
 
 
 def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path, step: int | None = None) -> Path:
@@ -201,6 +231,21 @@ def export_run(run_dir: Path, out_dir: Path | None = None, step: int | None = No
     out_dir = Path(out_dir) if out_dir is not None else run.export
     export_model(embedding, cfg, out_dir)
     return f"exported {checkpoint.name} to {out_dir}"
+
+
+def _build_trainable(cfg: Config, data, init, state: TrainerState, steps_per_epoch: int):
+    """The network (embedding + AAM head, optionally from pretrained weights), its optimizer and LR schedule."""
+    net = SpeakerClassifier(
+        build_model(cfg.model, cfg.features.n_mels),
+        AAMSoftmax(cfg.model.embed_dim, data.num_classes, cfg.loss.scale, cfg.loss.margin, cfg.loss.easy_margin),
+    )
+    if init is not None:
+        _say(apply_init(init, net.embedding, net.head, data.label_map))
+    optimizer = build_optimizer(net.parameters(), cfg.optim)
+    # Reads `state` at every step: a resume that moves the horizon re-plans the curve in place.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(
+        step, steps_per_epoch, state.horizon, cfg.optim, state.lr_anchor) / cfg.optim.lr)
+    return net, optimizer, scheduler
 
 
 def _plan(cfg: Config, run: RunDir, resume_step: int | None):
@@ -242,16 +287,8 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         accelerator.wait_for_everyone()
         set_seed(cfg.train.seed)
         front_end = FeatureExtractor(cfg.features, cfg.data.sample_rate).to(accelerator.device)
-        net = SpeakerClassifier(
-            build_model(cfg.model, cfg.features.n_mels),
-            AAMSoftmax(cfg.model.embed_dim, data.num_classes, cfg.loss.scale, cfg.loss.margin, cfg.loss.easy_margin),
-        )
-        if init is not None:
-            _say(apply_init(init, net.embedding, net.head, data.label_map))
-        optimizer = build_optimizer(net.parameters(), cfg.optim)
         state = read_state(resume_from) if resume_from is not None else TrainerState(horizon=horizon)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(
-            step, steps_per_epoch, state.horizon, cfg.optim, state.lr_anchor) / cfg.optim.lr)
+        net, optimizer, scheduler = _build_trainable(cfg, data, init, state, steps_per_epoch)
 
         # ---- prepare
         net, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
@@ -275,7 +312,8 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
 
         # ---- loop
         net.train()
-        meter, step_bad, nonfinite_in_a_row, buffers = WindowMeter(), 0, 0, None
+        meter, epoch_meter = WindowMeter(state.step), WindowMeter(state.step)
+        guard, step_bad = NonFiniteGuard(cfg.train), 0
         while not state.finished and stop.signal is None:
             batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
                                    accelerator.num_processes, cfg.data.num_workers)
@@ -284,8 +322,7 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
                 waves = batch["waves"].to(accelerator.device, non_blocking=True)
                 labels = batch["labels"].to(accelerator.device, non_blocking=True)
                 step_bad += int(batch["bad"].sum())
-                if buffers is None:  # first micro-batch of an optimizer step
-                    buffers = [buffer.clone() for buffer in net.buffers()]
+                guard.remember(net)
                 with accelerator.accumulate(net):
                     with torch.no_grad():
                         feats = front_end(waves)
@@ -296,35 +333,23 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
                         optimizer.step()
                     optimizer.zero_grad()
                 meter.add(loss, accuracy, len(labels) * accelerator.num_processes)
+                epoch_meter.add(loss, accuracy, len(labels) * accelerator.num_processes)
                 if not accelerator.sync_gradients:
                     continue
 
                 # ---- one optimizer step done (or skipped for a non-finite value)
-                if not finite:  # BatchNorm statistics of the bad batch must not reach the weights either
-                    with torch.no_grad():
-                        for buffer, saved in zip(net.buffers(), buffers):
-                            buffer.copy_(saved)
-                buffers = None
+                guard.settle(net, finite, state, lambda: data.paths_at(state.epoch, batch["index"].tolist()))
                 scheduler.step()
-                meter.steps += 1
-                batch_epoch = state.epoch
                 end_of_epoch = state.advance(cfg.train.batch_size, data.samples_per_epoch, total_steps)
                 bad_files, stop_requested, time_due = _agree(accelerator, step_bad, stop.signal, saver.due_by_time())
-                state.bad_files += bad_files
-                step_bad = 0
+                state.bad_files, step_bad = state.bad_files + bad_files, 0
                 stop.signal = stop.signal or (signal.SIGTERM if stop_requested else None)
-                nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-                state.skipped_steps += not finite
-                _check_nonfinite(nonfinite_in_a_row, state, cfg, data.paths_at(batch_epoch, batch["index"].tolist()))
                 progress.update(1)
-
+                lr, margin = scheduler.get_last_lr()[0], margin_at(state.step, steps_per_epoch, cfg.loss)
                 if state.step % cfg.train.log_every_steps == 0 or state.finished:
-                    record = meter.record(state, scheduler.get_last_lr()[0],
-                                          margin_at(state.step, steps_per_epoch, cfg.loss))
-                    _log(accelerator, run, record)
-                    progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}",
-                                         lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.0f}")
-                    meter = WindowMeter()
+                    meter = _log(accelerator, run, meter.record("train", state, lr, margin), progress)
+                if end_of_epoch:
+                    epoch_meter = _log(accelerator, run, epoch_meter.record("epoch", state, lr, margin))
                 _check_bad_fraction(state, cfg.train.batch_size, data.samples_per_epoch, cfg.data.max_bad_fraction)
                 if cfg.eval.trials and (end_of_epoch or state.finished or (
                         cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)):
@@ -341,6 +366,8 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         # ---- finish
         if state.finished and accelerator.is_main_process and not _best_export_kept(cfg, run, state):
             export_model(accelerator.unwrap_model(net).embedding, cfg, run.export, step=state.step)
+        if state.finished and accelerator.is_main_process:
+            print(_summary(run, state), file=sys.stderr)
         accelerator.wait_for_everyone()  # end_training (on leaving the block) ends the process group
     if stop.signal is not None:
         raise Preempted(stop.signal, state.step, run.path)
@@ -357,14 +384,6 @@ def _gradients_finite(accelerator: Accelerator, net, grad_clip: float) -> bool:
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in net.parameters() if p.grad is not None])
     return bool(torch.isfinite(norm))
-
-
-def _check_nonfinite(in_a_row: int, state: TrainerState, cfg: Config, paths: list[str]) -> None:
-    if in_a_row > cfg.train.max_nonfinite_steps:
-        shown = ", ".join(paths[:4]) + (f" (+{len(paths) - 4} more)" if len(paths) > 4 else "")
-        raise UserError(f"train: {in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: step "
-                        f"{state.step}, batch {shown}); more than train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}: check optim.lr and the audio")
 
 
 def _agree(accelerator: Accelerator, bad_files: int, stop_signal, time_due: bool) -> tuple[int, bool, bool]:
@@ -395,17 +414,32 @@ def _replan_horizon(accelerator: Accelerator, run: RunDir, state: TrainerState, 
               f"from its current value {current:.3g} at step {state.step}, without a jump", file=sys.stderr)
 
 
+def _summary(run: RunDir, state: TrainerState) -> str:
+    """The one line a finished run ends with."""
+    losses = [record["loss"] for record in run.read_metrics() if record["type"] == "train"]
+    parts = [f"finished: {state.step} steps", f"final loss {losses[-1]:.3f}" if losses else None,
+             f"best EER {state.best_eer:.2f}% at step {state.best_step}" if state.best_eer is not None else None,
+             f"{state.skipped_steps} non-finite steps skipped" if state.skipped_steps else None,
+             f"export {run.export}"]
+    return ", ".join(part for part in parts if part)
+
+
 def _best_export_kept(cfg: Config, run: RunDir, state: TrainerState) -> bool:
     """keep_best: the export already holds the best validated step (exports are atomic, so it is complete)."""
     return cfg.eval.keep_best and state.best_step is not None and run.export_step() == state.best_step
 
 
-def _log(accelerator: Accelerator, run: RunDir, record: dict) -> None:
+def _log(accelerator: Accelerator, run: RunDir, record: dict, progress: tqdm | None = None) -> WindowMeter:
+    """Write a record to metrics.jsonl (main process) and the trackers; returns a fresh meter for the next window."""
     if accelerator.is_main_process:
         run.append_metrics(record)
     scalars = {f"{record['type']}/{k}": v for k, v in record.items() if isinstance(v, (int, float))
                and k not in ("step", "time")}
     accelerator.log(scalars, step=record["step"])
+    if progress is not None:
+        progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.3f}", lr=f"{record['lr']:.2e}",
+                             sps=f"{record['samples_per_s']:.0f}")
+    return WindowMeter(record["step"])
 
 
 def _check_bad_fraction(state: TrainerState, batch_size: int, samples_per_epoch: int, max_fraction: float) -> None:
