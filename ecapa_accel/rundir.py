@@ -15,6 +15,7 @@ beside the target under a dot-name, flushed, then renamed over it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -194,10 +195,12 @@ class RunDir:
 
     # ---- export/
     def export_step(self) -> int | None:
-        """The training step whose weights export/ holds (None: no export, or one not written by training)."""
-        path = self.export / EXPORT_STEP
+        """The training step whose weights export/ holds, if its files still match what training wrote
+        (None: no export, one not written by training, or one that changed since)."""
         try:
-            return int(json.loads(path.read_text(encoding="utf-8"))["step"])
+            record = json.loads((self.export / EXPORT_STEP).read_text(encoding="utf-8"))
+            intact = record["files"] == _file_digests(self.export)
+            return int(record["step"]) if intact else None
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -207,5 +210,12 @@ class RunDir:
         return self.eval / f"step_{step}.txt"
 
 
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.iterdir()) if path.is_file() and path.name != EXPORT_STEP}
+
+
 def write_export_step(export_folder: Path, step: int) -> None:
-    (Path(export_folder) / EXPORT_STEP).write_text(json.dumps({"step": step}), encoding="utf-8")
+    """Record inside an export (before it is renamed into place) the step it comes from and its files' sha256."""
+    record = {"step": step, "files": _file_digests(Path(export_folder))}
+    (Path(export_folder) / EXPORT_STEP).write_text(json.dumps(record), encoding="utf-8")

@@ -278,3 +278,36 @@ def test_config_yaml_rewrite_is_atomic(tmp_path, tone_corpus):
     assert cli("resume", str(run), "train.max_steps=3").returncode == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary left beside it
+
+
+# ---- keep_best
+
+
+def test_keep_best_exports_the_best_step_and_a_damaged_best_export_is_rewritten(tmp_path, tone_corpus, monkeypatch):
+    import ecapa_accel.evaluate as evaluate
+
+    held_out = tone_corpus("held", speakers=2, utterances=2, seconds=1.0, seed=5).parent
+    trials = held_out / "trials.txt"
+    trials.write_text("1 spk0/utt0.wav spk0/utt1.wav\n0 spk0/utt0.wav spk1/utt0.wav\n")
+    config = ea.load_config(tiny_config(tmp_path, tone_corpus, max_steps=4, checkpoint_every_steps=1,
+                                        keep_checkpoints=10),
+                            [f"eval.trials={trials}", "eval.every_steps=1", "eval.keep_best=true"])
+    eers = iter([30.0, 10.0, 20.0, 40.0])  # the best validation is step 2, not the last
+    monkeypatch.setattr(evaluate, "validate", lambda encoder, cfg, scores=None: {
+        "eer": next(eers), "min_dcf": 0.5, "threshold": 0.0, "trials": 2})
+    run = tmp_path / "run"
+    ea.train(config, run)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    best = {k.removeprefix("embedding."): v for k, v in weights(run, 2).items() if k.startswith("embedding.")}
+    last = {k.removeprefix("embedding."): v for k, v in weights(run, 4).items() if k.startswith("embedding.")}
+    assert_identical(exported, best)
+    assert any(not torch.equal(exported[k], last[k]) for k in exported)
+    assert json.loads((run / "export" / "training_step.json").read_text())["step"] == 2
+
+    # An export torn after the fact (as in-place writers leave them) is not "the best export" any more:
+    # continuing the finished run without validation rewrites it from the final weights.
+    weights_file = run / "export" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:100])
+    result = cli("resume", str(run), "eval.trials=null")
+    assert result.returncode == 0, result.stderr
+    assert_identical(load_file(str(weights_file)), last)
