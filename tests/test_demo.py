@@ -8,6 +8,8 @@ from ecapa_accel.checkpoint import run_status
 from ecapa_accel.cli import main
 from ecapa_accel.demo import run_demo
 
+pytestmark = pytest.mark.slow  # CLI subprocesses: the slow tier
+
 STEPS = 100  # the CLI's demo runs 300; 100 steps already learn the voices well past the references
 
 

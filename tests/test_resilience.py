@@ -20,6 +20,8 @@ import ecapa_accel as ea
 from ecapa_accel.checkpoint import run_status
 from ecapa_accel.cli import main as cli_main
 
+pytestmark = pytest.mark.slow  # trains through the CLI or the API: the slow tier
+
 
 def in_process(capsys, *args: str) -> tuple[int, str]:
     """Run the CLI in this process: (exit status, stderr)."""
@@ -69,7 +71,6 @@ def finished_run(tmp_path_factory):
     return run
 
 
-@pytest.mark.slow
 def test_each_damaged_file_of_the_newest_checkpoint_falls_back_to_the_previous(tmp_path, finished_run):
     expected = weights(finished_run, STEPS)
     for number, (name, spoil) in enumerate(DAMAGE.items()):
@@ -262,13 +263,6 @@ def test_train_raises_preempted_and_restores_signal_handlers(tmp_path, tone_corp
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert run_status(tmp_path / "run")["checkpoints"][-1] == "step_2"
-
-
-def test_ea_train_stays_the_function_after_importing_the_entry_module():
-    import ecapa_accel.train  # noqa: F401  (what `accelerate launch -m ecapa_accel.train` imports)
-
-    assert callable(ea.train) and not isinstance(ea.train, type(ea))
-    assert ea.train.__module__ == "ecapa_accel.trainer"
 
 
 def test_config_yaml_rewrite_is_atomic(tmp_path, tone_corpus):

@@ -15,6 +15,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # CLI subprocesses: the slow tier
+
 STEPS = 10
 
 
