@@ -189,7 +189,7 @@ def write_scale_pack(folder: Path, rows: int, speakers: int, shards: int) -> Non
     pack_id = "scale-benchmark"
     ids = pa.array([f"id{i % speakers:05d}-{i:07d}" for i in range(rows)])
     speaker = pa.array([f"id{i % speakers:05d}" for i in range(rows)])
-    nothing = pa.nulls(rows, pa.float64())
+    nothing = pa.array(np.full(rows, np.nan))  # no segment bounds
     dur = pa.array(np.full(rows, 8.0))
     per_row = pa.table([ids, speaker, nothing, nothing, dur, pa.array(np.full(rows, RATE, dtype=np.int32)),
                         pa.array(np.full(rows, 128000, dtype=np.int64)), pa.array(np.ones(rows, dtype=np.int32)),
@@ -202,7 +202,8 @@ def write_scale_pack(folder: Path, rows: int, speakers: int, shards: int) -> Non
         part = part.append_column("audio", pa.array([audio] * per_shard, pa.large_binary())).cast(schema)
         name = f"shard-{n:05d}.parquet"
         pq.write_table(part.replace_schema_metadata(schema.metadata), folder / name, row_group_size=64,
-                       use_dictionary=["spk"])
+                       use_dictionary=["spk"], write_statistics=schema.names[:-1],
+                       compression={column: "zstd" for column in schema.names[:-1]} | {"audio": "none"})
         listed.append({"file": name, "rows": per_shard, "bytes": (folder / name).stat().st_size, "sha256": ""})
     shard_of_row = np.repeat(np.arange(shards, dtype=np.int32), per_shard)
     group = (np.arange(rows) % per_shard // 64).astype(np.int32)

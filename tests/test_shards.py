@@ -167,6 +167,14 @@ def test_pack_writes_parquet_shards_an_index_and_leaves_undecodable_files_out(tm
     assert table.column("audio")[1].as_py() == (manifest.parent / "spk0" / "utt1.wav").read_bytes()  # as is
     assert table.column("sample_rate").to_pylist() == [16000] * 4
 
+    # `data inspect` draws real batches from it.
+    config = tmp_path / "inspect.yaml"
+    config.write_text(yaml.safe_dump({"data": {"datasets": [{"name": "set", "shards": str(out)}],
+                                               "crop_seconds": 0.25, "num_workers": 0}, "train": {"batch_size": 7}}))
+    code, stdout, _ = run_cli(capsys, "data", "inspect", str(config), "--batches", "2", "--json")
+    report = json.loads(stdout)
+    assert code == 0 and report["samples"] == 14 and report["by_dataset"] == {"set": 14}
+
     # `data check` takes the pack (folder, index file or a glob of its shards) beside CSVs.
     code, stdout, _ = run_cli(capsys, "data", "check", str(out), str(out / "index.json"),
                               str(out / "shard-0000[0].parquet"))
@@ -233,6 +241,13 @@ def test_the_same_sample_at_each_position_from_the_csv_or_its_shards(tmp_path, t
         assert_same(draw(b, epoch, start=6), expected[2:])  # resumed mid-epoch
     assert not torch.equal(draw(b, 0)[0]["waves"], draw(b, 1)[0]["waves"])
 
+    # Two processes for two global batches, then one: every position once, each the sample it always is.
+    reference = {int(i): w for batch in draw(a) for i, w in zip(batch["index"], batch["waves"])}
+    seen = [batch for rank in range(2) for batch in draw(b, micro_batch=3, rank=rank, world=2)[:2]]
+    seen += draw(b, start=12, micro_batch=3)
+    assert sorted(int(i) for batch in seen for i in batch["index"]) == list(range(15))
+    assert all(torch.equal(w, reference[int(i)]) for batch in seen for i, w in zip(batch["index"], batch["waves"]))
+
     # Mixed with a CSV dataset in one run: the same weights, namespaces and epoch as two CSVs.
     other = tone_corpus("other", speakers=2, utterances=4, seconds=0.4, seed=1)
     csvs = [{"name": "set", "csv": str(manifest), "shuffle": "blocks", "block_rows": 4, "weight": 0.7},
@@ -283,6 +298,13 @@ def test_reading_over_http_is_block_wise_with_the_same_samples(tmp_path, tone_co
     http_server.requests.clear()
     assert_same(draw(remote, micro_batch=4, workers=2), expected)
     assert len(http_server.requests) <= 2 * 6  # at most once per epoch per process
+
+    # Memory below one block: blocks are evicted and read again, the samples stay the same.
+    small = build_training_data(make_config([{"name": "set", "shards": f"{http_server.url}/{out.name}"}],
+                                            **AUGMENTED, shard_memory_mb=0.01))
+    http_server.requests.clear()
+    assert_same(draw(small, micro_batch=4), expected)
+    assert len(http_server.requests) > 6
 
     # A process resuming at position 20 reads only the blocks that positions 20-23 need.
     resumed = build_training_data(make_config([{"name": "set", "shards": f"{http_server.url}/{out.name}"}],

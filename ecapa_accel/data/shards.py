@@ -60,8 +60,8 @@ _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 PER_ROW_FIELDS = [
     ("ID", pa.string()),
     ("spk", pa.string()),
-    ("start", pa.float64()),  # seconds; null: the file's start
-    ("stop", pa.float64()),  # seconds; null: the file's end
+    ("start", pa.float64()),  # seconds; NaN: the file's start
+    ("stop", pa.float64()),  # seconds; NaN: the file's end
     ("dur", pa.float64()),  # seconds of the segment
     ("sample_rate", pa.int32()),
     ("frames", pa.int64()),
@@ -252,7 +252,7 @@ def _per_row_columns(manifest, kept: np.ndarray) -> pa.Table:
     dur = np.minimum(np.where(np.isnan(stop), length, stop), length) - np.nan_to_num(start)
     return pa.table([
         pa.array(ids, pa.string()), table.column("spk").take(kept).cast(pa.string()),
-        pa.array(start, pa.float64(), from_pandas=True), pa.array(stop, pa.float64(), from_pandas=True),
+        pa.array(start, pa.float64()), pa.array(stop, pa.float64()),  # NaN: no bound (numpy without a copy)
         pa.array(dur), pa.array(rate), pa.array(frames), pa.array(channels), pa.array(kept + 1),
     ], schema=pa.schema(PER_ROW_FIELDS))
 
@@ -335,15 +335,20 @@ class _RangeFile(io.RawIOBase):
         return len(data)
 
 
-def _read_footer(fs: fsspec.AbstractFileSystem, path: str, size: int) -> pq.FileMetaData:
-    """The Parquet metadata of a shard from at most two range reads of its end."""
+def _read_footer(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
+    """A shard's Parquet footer from at most two range reads of its end, as the bytes that `_parse_footer`
+    reads."""
     tail = fs.cat_file(path, start=max(0, size - 65536), end=size)
     if len(tail) < 12 or tail[-4:] != b"PAR1":
         raise ValueError(f"no Parquet footer at its end ({len(tail)} bytes read; truncated?)")
     length = int.from_bytes(tail[-8:-4], "little")
-    if length + 12 > len(tail):
-        tail = fs.cat_file(path, start=max(0, size - length - 12), end=size)
-    return pq.read_metadata(pa.BufferReader(tail))
+    if length + 8 > len(tail):
+        tail = fs.cat_file(path, start=max(0, size - length - 8), end=size)
+    return b"PAR1" + tail[-(length + 8):]
+
+
+def _parse_footer(footer: bytes) -> pq.FileMetaData:
+    return pq.read_metadata(pa.BufferReader(footer))
 
 
 def _open_location(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str | None]:
@@ -459,12 +464,14 @@ class ShardDataset:
             raise UserError(f"{path}: {table.num_rows} rows, its index lists {self.index['rows']}")
         return table
 
-    def _read_footers(self) -> tuple[list[pq.FileMetaData | None], list[int]]:
+    def _read_footers(self) -> tuple[list[bytes | None], list[int]]:
         """Every chosen shard's metadata (one or two range reads each, in parallel). A missing shard or one of
         another pack is a `UserError`; a damaged one makes its rows unreadable (counted like broken files)."""
         def footer(n: int):
             try:
-                return _read_footer(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
+                footer = _read_footer(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
+                metadata = _parse_footer(footer)  # not kept: parsed, a thousand of them take ~150 MB
+                return footer, _footer_pack(metadata), metadata.num_rows
             except FileNotFoundError as error:
                 return error
             except Exception as error:
@@ -483,20 +490,20 @@ class ShardDataset:
                 footers.append(None)
                 damaged.append(n)
                 continue
-            pack = _footer_pack(result)
+            footer, pack, rows = result
             if pack is None or pack.get("version") != VERSION:
                 version = None if pack is None else pack.get("version")
                 raise UserError(f"{self._paths[n]}: shard of pack format version {version}, this ecapa-accel reads "
                                 f"version {VERSION}; pack the CSV again")
             if pack.get("pack_id") != self.index["pack_id"]:
                 raise UserError(f"{self._paths[n]}: belongs to another pack than {self.index_path}")
-            if result.num_rows != self.shards[n]["rows"]:
+            if rows != self.shards[n]["rows"]:
                 logger.warning("%s: %d rows, its index lists %d; its rows count as unreadable audio",
-                               self._paths[n], result.num_rows, self.shards[n]["rows"])
+                               self._paths[n], rows, self.shards[n]["rows"])
                 footers.append(None)
                 damaged.append(n)
                 continue
-            footers.append(result)
+            footers.append(footer)
         unreadable = np.flatnonzero(np.isin(self.shard_of_row, damaged)).tolist()
         return footers, unreadable
 
@@ -514,12 +521,12 @@ class ShardDataset:
     def read_block(self, block: int) -> pa.Array:
         """The audio bytes of a block's rows: one ranged read of its row group's audio column."""
         shard = int(self.block_shard[block])
-        metadata = self._footers[shard]
-        if metadata is None:
+        footer = self._footers[shard]
+        if footer is None:
             raise UnreadableAudio(f"shard {self._paths[shard]} is damaged")
         try:
             source = _RangeFile(self.fs, self._paths[shard], int(self.shards[shard]["bytes"]))
-            table = pq.ParquetFile(source, metadata=metadata).read_row_group(int(self.block_group[block]),
+            table = pq.ParquetFile(source, metadata=_parse_footer(footer)).read_row_group(int(self.block_group[block]),
                                                                              columns=["audio"])
             audio = table.column("audio").combine_chunks()
         except Exception as error:  # truncated or corrupt pages, a vanished file, a network error
