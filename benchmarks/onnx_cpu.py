@@ -1,6 +1,7 @@
 """Embedding time on the CPU: onnxruntime on `EcapaEncoder.to_onnx`'s model.onnx vs PyTorch, same features.
 
 Usage: python benchmarks/onnx_cpu.py [--json] [--channels 1024] [--seconds 3,10] [--batch 1] [--repeats 5]
+                                     [--threads N]
 The network (randomly initialised, 80 mels, 192-d) embeds features of utterances of each length in `--seconds`;
 PyTorch runs under `torch.inference_mode()`, onnxruntime with the CPU provider and as many intra-op threads as
 torch uses. Times are the best of `--repeats` interleaved runs (the machine is shared and noisy); the baseline
@@ -36,8 +37,11 @@ def main() -> None:
     parser.add_argument("--seconds", default="3,10", help="comma-separated utterance lengths")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of both (default: torch's choice)")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     encoder = EcapaEncoder(EcapaTdnn(n_mels=80, channels=args.channels, embed_dim=192), FeaturesConfig()).eval()
     threads = torch.get_num_threads()
