@@ -156,16 +156,18 @@ def run_demo(out_dir: str | Path = "ecapa-demo", steps: int = 300, utterances_pe
     print(_row("mean fbank + cosine (no training)", baseline))
     print(_row("untrained ECAPA-TDNN", untrained))
     print(_row(trained_label, trained))
-    print(f"\nrun directory {run_dir}: config.yaml, metrics.jsonl, checkpoints/, logs/ (TensorBoard)")
-    print(f"  export (model.safetensors + config.json): {run_dir / 'export'}")
+    run = RunDir(run_dir)
+    print(f"\nrun directory {run_dir}: {run.config.name}, {run.metrics.name}, {run.checkpoints.name}/, "
+          f"{run.logs.name}/ (TensorBoard)")
+    print(f"  export (model.safetensors + config.json): {run.export}")
     print(f"  plots: {', '.join(str(path) for path in plots)}")
     print(f"  trial scores: {scores}")
     print("\nnext:")
     print(f"  ecapa-accel status {run_dir}")
-    print(f"  ecapa-accel eval {run_dir / 'export'} --trials {corpus['trials']} --cohort {corpus['setA']}")
-    print(f"  ecapa-accel embed {run_dir / 'export'} {corpus['trials'].parent / 'wav' / '*' / 'utt00.wav'}")
+    print(f"  ecapa-accel eval {run.export} --trials {corpus['trials']} --cohort {corpus['setA']}")
+    print(f"  ecapa-accel embed {run.export} {corpus['trials'].parent / 'wav' / '*' / 'utt00.wav'}")
     print(f"  ecapa-accel train {config_path} --run-dir {run_dir} train.max_steps={2 * steps}  # continue training")
-    print(f"  tensorboard --logdir {run_dir / 'logs'}")
+    print(f"  tensorboard --logdir {run.logs}")
     print("  recipes/voxceleb/README.md: the same commands on VoxCeleb2")
     return {
         "corpus": corpus,
