@@ -41,7 +41,6 @@ from _report import emit  # noqa: E402
 
 from ecapa_accel.config import config_from_dict  # noqa: E402
 from ecapa_accel.data import build_training_data, pack_manifest  # noqa: E402
-from ecapa_accel.data.mixing import random_stream  # noqa: E402
 from ecapa_accel.data.shards import CATALOGUE_SCHEMA, FORMAT, METADATA_KEY, SHARD_SCHEMA, VERSION  # noqa: E402
 
 RATE = 16000
@@ -87,12 +86,13 @@ def stream_rate(data, samples: int) -> float:
 
 def partial_read_rate(paths: list[str], samples: int) -> float:
     """The bare loop: open each file in a shuffled order, seek to a random offset, read 3 s as float32."""
-    order = random_stream(0, 99).permutation(np.resize(np.arange(len(paths)), samples))
+    rng = np.random.default_rng(0)
+    order, offsets = rng.permutation(np.resize(np.arange(len(paths)), samples)).tolist(), rng.random(samples)
     crop = int(CROP_SECONDS * RATE)
     started = time.perf_counter()
-    for n, index in enumerate(order):
+    for index, offset in zip(order, offsets):
         with soundfile.SoundFile(paths[index]) as audio:
-            audio.seek(int(random_stream(0, 98, n).random() * max(1, audio.frames - crop)))
+            audio.seek(int(offset * max(1, audio.frames - crop)))
             audio.read(crop, dtype="float32", always_2d=True)
     return samples / (time.perf_counter() - started)
 

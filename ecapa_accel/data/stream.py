@@ -117,16 +117,19 @@ class TrainingData:
         """Start reading the shard blocks of `positions` and of this process's next batches (`stride` apart)."""
         if not any(isinstance(source.manifest, ShardDataset) for source in self._sources):
             return
-        wanted = []
-        for k in range(READ_AHEAD_BATCHES + 1):
-            upcoming = [p + k * stride for p in positions if p + k * stride < self.samples_per_epoch]
-            if not upcoming:
-                break
-            for dataset, row in self.locate(epoch, upcoming):
-                manifest = self._sources[dataset].manifest
-                if isinstance(manifest, ShardDataset):
-                    wanted.append((dataset, manifest.block_of(row), manifest))
-        self.block_cache().read_ahead(list(dict.fromkeys(wanted)))
+        wanted = np.concatenate([np.asarray(positions) + k * stride for k in range(READ_AHEAD_BATCHES + 1)])
+        wanted = wanted[wanted < self.samples_per_epoch]
+        first = int(wanted.min())
+        rows = np.asarray(self.order(epoch)[first : int(wanted.max()) + 1]["row"])[wanted - first]
+        datasets_of_rows = np.searchsorted(self._first_rows, rows, side="right") - 1
+        blocks = np.full(len(rows), -1)
+        for dataset, source in enumerate(self._sources):
+            if isinstance(source.manifest, ShardDataset):
+                mine = datasets_of_rows == dataset
+                blocks[mine] = np.searchsorted(source.manifest.block_start, rows[mine] - source.first_row,
+                                               side="right") - 1
+        needed = dict.fromkeys(zip(datasets_of_rows[blocks >= 0].tolist(), blocks[blocks >= 0].tolist()))
+        self.block_cache().read_ahead([(d, b, self._sources[d].manifest) for d, b in needed])
 
     def _audio(self, dataset: int, row: int):
         """What `read_crop` opens for a row: its file path, or its packed bytes."""
