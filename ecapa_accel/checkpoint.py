@@ -44,6 +44,7 @@ class TrainerState:
     # The LR schedule's horizon and, once a resume changed it, the (step, lr) the curve was re-planned from.
     horizon: int = 0
     lr_anchor: list[float] = field(default_factory=list)
+    last_threshold: list[float] = field(default_factory=list)  # (step, EER threshold) of the newest validation
 
     def advance(self, batch_size: int, samples_per_epoch: int, total_steps: int) -> bool:
         """Count one optimizer step over `batch_size` samples; True when it ended the epoch."""

@@ -199,7 +199,8 @@ class RunDir:
         (None: no export, one not written by training, or one that changed since)."""
         try:
             record = json.loads((self.export / EXPORT_STEP).read_text(encoding="utf-8"))
-            intact = record["files"] == _file_digests(self.export)
+            present = _file_digests(self.export)  # files added later (e.g. model.onnx) do not matter
+            intact = all(present.get(name) == digest for name, digest in record["files"].items())
             return int(record["step"]) if intact else None
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -206,13 +206,15 @@ class NonFiniteGuard:
                             f"{self.max_in_a_row}: check optim.lr and the audio")
 
 
-def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path, step: int | None = None) -> Path:
+def export_model(embedding: EcapaTdnn, cfg: Config, out_dir: Path, step: int | None = None,
+                 threshold: float | None = None) -> Path:
     """Write an export folder atomically: a crash leaves the previous export or the new one, never a torn one.
-    `step`, when given, is recorded inside it (the training step whose weights it holds)."""
+    `step`, when given, is recorded inside it (the training step whose weights it holds); `threshold` is the
+    EER threshold of a validation of those weights (`verify` then decides same/different)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out_dir) as temporary:
-        EcapaEncoder(embedding, cfg.features, cfg.data.sample_rate).save_pretrained(temporary)
+        EcapaEncoder(embedding, cfg.features, cfg.data.sample_rate, threshold=threshold).save_pretrained(temporary)
         if step is not None:
             write_export_step(temporary, step)
     return out_dir
@@ -365,7 +367,9 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
 
         # ---- finish
         if state.finished and accelerator.is_main_process and not _best_export_kept(cfg, run, state):
-            export_model(accelerator.unwrap_model(net).embedding, cfg, run.export, step=state.step)
+            threshold = state.last_threshold[1] if state.last_threshold[:1] == [state.step] else None
+            export_model(accelerator.unwrap_model(net).embedding, cfg, run.export, step=state.step,
+                         threshold=threshold)
         if state.finished and accelerator.is_main_process:
             print(_summary(run, state), file=sys.stderr)
         accelerator.wait_for_everyone()  # end_training (on leaving the block) ends the process group
@@ -466,7 +470,8 @@ def _validate(accelerator: Accelerator, net, cfg: Config, run: RunDir, state: Tr
                   "scores": str(scores.relative_to(run.path))}
         _log(accelerator, run, record)
         if CheckpointSaver.is_new_best(state, result["eer"]) and cfg.eval.keep_best:
-            export_model(embedding, cfg, run.export, step=state.step)
+            export_model(embedding, cfg, run.export, step=state.step, threshold=result["threshold"])
+        state.last_threshold = [state.step, result["threshold"]]
     # Every process keeps the same trainer state, so the best result travels from the main process.
     best = torch.tensor([state.best_eer if state.best_eer is not None else -1.0,
                          state.best_step if state.best_step is not None else -1],

@@ -19,7 +19,7 @@ def test_demo_is_preempted_resumes_and_beats_the_references_on_unseen_speakers(t
 
     # The SIGTERM landed half way: the trainer checkpointed, exited 143, and `resume` carried on to the end.
     assert STEPS // 2 <= result["interrupted_at_step"] < STEPS
-    assert f"stopped by signal at step {result['interrupted_at_step']}" in err
+    assert f"stopped by SIGTERM at step {result['interrupted_at_step']}" in err
     assert "stopped with exit status 143" in out and "resumed from" in out + err
     status = run_status(result["run_dir"])
     assert status["finished"] and status["step"] == STEPS

@@ -297,6 +297,7 @@ def test_keep_best_exports_the_best_step_and_a_damaged_best_export_is_rewritten(
     assert_identical(exported, best)
     assert any(not torch.equal(exported[k], last[k]) for k in exported)
     assert json.loads((run / "export" / "training_step.json").read_text())["step"] == 2
+    assert json.loads((run / "export" / "config.json").read_text())["threshold"] == 0.0  # verify can decide
 
     # An export torn after the fact (as in-place writers leave them) is not "the best export" any more:
     # continuing the finished run without validation rewrites it from the final weights.
