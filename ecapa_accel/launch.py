@@ -8,8 +8,8 @@ ranks that take longer than 30 s to checkpoint.
 
 What it does, and nothing more:
 1. runs `python -m accelerate.commands.launch OPTIONS -m ecapa_accel.train CONFIG --run-dir DIR ...` as a child
-   in its own session, with SIGTERM/SIGINT ignored by the launcher (the entry module re-arms them in each rank)
-   and told to die with us (PR_SET_PDEATHSIG), so that only this process decides what a signal means;
+   in its own session, with SIGTERM/SIGINT blocked in the launcher (the entry module unblocks them in each
+   rank) and told to die with us (PR_SET_PDEATHSIG), so that only this process decides what a signal means;
 2. on the first SIGTERM/SIGINT sends that signal once to every training rank (the launcher's children, also
    those that start later), then waits; the ranks finish the step, checkpoint it and exit 143/130;
 3. when the ranks' outcome is a pre-emption (143/130) or a user error (2), drops the launcher's traceback and
@@ -49,8 +49,9 @@ def die_with_parent(signum: int) -> None:
 
 
 def _launcher_child_setup() -> None:
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+    # Blocked, not ignored: the ranks inherit the mask and unblock in the entry module, so a signal we forward
+    # while a rank is still starting stays pending instead of being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     die_with_parent(signal.SIGKILL)  # the ranks then get their own PDEATHSIG (SIGTERM) and checkpoint
 
 
@@ -129,15 +130,15 @@ def _outcome(launcher_status: int, report: bytes) -> int | None:
 def launch_training(argv: list[str]) -> int:
     """Run the training launcher for `argv` (OPTIONS CONFIG --run-dir DIR ...); return our exit status."""
     command = launcher_command(argv)
-    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}  # elastic must not re-arm TERM/INT
-    launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_launcher_child_setup)
-    relay = _Relay(launcher.stderr)
+    env = {**os.environ, "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGHUP,SIGQUIT"}  # elastic leaves TERM/INT alone
     requested: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: requested.append(signum))
                 for signum in STOP_SIGNALS}
     signalled: set[int] = set()
     try:
+        launcher = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, start_new_session=True,
+                                    preexec_fn=_launcher_child_setup)
+        relay = _Relay(launcher.stderr)
         while launcher.poll() is None:
             if requested:  # forward the first signal once to each rank, including ranks still starting
                 for rank in _children(launcher.pid):

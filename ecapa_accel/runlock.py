@@ -95,7 +95,12 @@ def run_lock(run_dir: str | Path, accelerator=None) -> Iterator[None]:
     and carries the outcome to the others."""
     run_dir = Path(run_dir)
     several = accelerator is not None and accelerator.num_processes > 1
-    lock, outcome = _acquire(run_dir) if accelerator is None or accelerator.is_main_process else (None, None)
+    lock, outcome = None, None
+    if accelerator is None or accelerator.is_main_process:
+        try:
+            lock, outcome = _acquire(run_dir)
+        except OSError as error:  # reported on every rank like a refusal, so that none waits for rank 0
+            outcome = f"{run_dir}: cannot lock the run directory: {error.strerror or error}"
     try:
         if several:
             from accelerate.utils import broadcast_object_list

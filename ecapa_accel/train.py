@@ -30,11 +30,10 @@ if __name__ == "__main__":
     from ecapa_accel.exits import exit_with_status
     from ecapa_accel.launch import die_with_parent
 
-    # `ecapa-accel launch` starts the launcher with SIGTERM/SIGINT ignored: a rank takes them back, and gets
-    # SIGTERM (checkpoint, stop) if its launcher dies, so that it never outlives it.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A rank gets SIGTERM (checkpoint, stop) if its launcher dies, so it never outlives it; `ecapa-accel launch`
+    # starts the launcher with SIGTERM/SIGINT blocked, and a rank takes them back (one already sent is delivered).
     die_with_parent(signal.SIGTERM)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
 
     command = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
     command.command()(main)
