@@ -25,7 +25,9 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import re
+import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -530,8 +532,8 @@ class ShardDataset:
                 source = self._paths[shard]
             else:
                 source = _RangeFile(self.fs, self._paths[shard], int(self.shards[shard]["bytes"]))
-            table = pq.ParquetFile(source, metadata=_parse_footer(footer), memory_map=True).read_row_group(int(self.block_group[block]),
-                                                                             columns=["audio"])
+            shard_file = pq.ParquetFile(source, metadata=_parse_footer(footer), memory_map=True)
+            table = shard_file.read_row_group(int(self.block_group[block]), columns=["audio"])
             audio = table.column("audio").combine_chunks()
         except Exception as error:  # truncated or corrupt pages, a vanished file, a network error
             raise UnreadableAudio(f"shard {self._paths[shard]} row group {self.block_group[block]}: "
@@ -564,6 +566,30 @@ def is_shards(spec: str | Path) -> bool:
         os.path.isdir(text)
 
 
+class _DaemonReaders:
+    """A few daemon threads running block reads. Not a ThreadPoolExecutor: its threads are joined at exit, so a
+    read stuck on an unreachable server would hold up the end of a process whose training already failed."""
+
+    def __init__(self, threads: int):
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(threads):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def submit(self, function: Callable, *args) -> Future:
+        future: Future = Future()
+        self.tasks.put((future, function, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            future, function, args = self.tasks.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function(*args))
+                except BaseException as error:  # handed to whoever waits for the block
+                    future.set_exception(error)
+
+
 class BlockCache:
     """Blocks of audio bytes held by one process, within a byte budget, least recently used evicted first.
 
@@ -574,7 +600,7 @@ class BlockCache:
 
     def __init__(self, budget_bytes: int, threads: int = READ_AHEAD_THREADS):
         self.budget = budget_bytes
-        self.pool = ThreadPoolExecutor(threads)
+        self.readers = _DaemonReaders(threads)
         self.blocks: OrderedDict[tuple[int, int], tuple[Future, int]] = OrderedDict()
         self.used = 0
         self.reads = 0
@@ -589,7 +615,7 @@ class BlockCache:
 
     def _start(self, key: tuple[int, int], dataset: ShardDataset) -> None:
         size = int(dataset.block_bytes[key[1]])
-        self.blocks[key] = (self.pool.submit(dataset.read_block, key[1]), size)
+        self.blocks[key] = (self.readers.submit(dataset.read_block, key[1]), size)
         self.used += size
         self.reads += 1
 

@@ -36,7 +36,7 @@ from .shards import DEFAULT_BLOCK_ROWS, BlockCache, ShardDataset
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 20  # unreadable files in a row before a sample gives up
-READ_AHEAD_BATCHES = 4  # a process's next batches whose shard blocks it starts reading
+READ_AHEAD_BATCHES = 8  # a process's next batches whose shard blocks it starts reading (within data.shard_memory_mb)
 
 
 @dataclass
