@@ -409,12 +409,15 @@ class ShardDataset:
         self.csv_row = catalogue.column("csv_row").to_numpy()
         labels = catalogue.column("spk")
         self.speakers = sorted(pc.unique(labels).to_pylist())
-        self.speaker_index = pc.index_in(labels, value_set=pa.array(self.speakers)).to_numpy().astype(np.int32)
+        speaker_index = pc.index_in(labels, value_set=pa.array(self.speakers)).to_numpy()
+        self.speaker_index = speaker_index.astype(np.int32, copy=False)
         self.start = catalogue.column("start").to_numpy(zero_copy_only=False)
         self.stop = catalogue.column("stop").to_numpy(zero_copy_only=False)
         self.seconds = float(pc.sum(catalogue.column("dur")).as_py() or 0.0)
-        self.sample_rates, self.channels = (Counter(dict(zip(*(part.tolist() for part in np.unique(
-            catalogue.column(name).to_numpy(), return_counts=True))))) for name in ("sample_rate", "channels"))
+        self.sample_rates, self.channels = (
+            Counter({item["values"]: item["counts"] for item in pc.value_counts(catalogue.column(name)).to_pylist()})
+            for name in ("sample_rate", "channels"))
+        del catalogue, labels, group, boundary  # the per-row columns kept above stay; the rest goes before footers
         self._footers, self.unreadable = self._read_footers()
 
     def __len__(self) -> int:
@@ -468,45 +471,46 @@ class ShardDataset:
         return table
 
     def _read_footers(self) -> tuple[list[bytes | None], list[int]]:
-        """Every chosen shard's metadata (one or two range reads each, in parallel). A missing shard or one of
-        another pack is a `UserError`; a damaged one makes its rows unreadable (counted like broken files)."""
-        def footer(n: int):
+        """Every chosen shard's footer (one or two range reads each, fetched in parallel, checked one at a time
+        here: parsed on many threads at once they would leave ~100 MB of malloc arenas behind). A missing shard
+        or one of another pack is a `UserError`; a damaged one makes its rows unreadable (counted like broken
+        files)."""
+        def fetch(n: int) -> bytes | Exception:
             try:
-                footer = _read_footer(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
-                metadata = _parse_footer(footer)  # not kept: parsed, a thousand of them take ~150 MB
-                return footer, _footer_pack(metadata), metadata.num_rows
-            except FileNotFoundError as error:
-                return error
+                return _read_footer(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
             except Exception as error:
-                return ValueError(_reason(error))
+                return error
 
         with ThreadPoolExecutor(FOOTER_THREADS) as pool:
-            found = list(pool.map(footer, range(len(self.shards))))
+            fetched = list(pool.map(fetch, range(len(self.shards))))
         footers, damaged = [], []
-        for n, result in enumerate(found):
-            if isinstance(result, FileNotFoundError):
+        for n, footer in enumerate(fetched):
+            if isinstance(footer, FileNotFoundError):
                 raise UserError(f"{self.index_path}: lists {self.shards[n]['file']}, which is missing "
                                 f"({self._paths[n]})")
-            if isinstance(result, Exception):
+            problem = footer if isinstance(footer, Exception) else None
+            if problem is None:
+                try:
+                    metadata = _parse_footer(footer)  # not kept: parsed, a thousand of them take ~150 MB
+                except Exception as error:
+                    problem = error
+            if problem is None:
+                pack = _footer_pack(metadata)
+                if pack is None or pack.get("version") != VERSION:
+                    version = None if pack is None else pack.get("version")
+                    raise UserError(f"{self._paths[n]}: shard of pack format version {version}, this ecapa-accel "
+                                    f"reads version {VERSION}; pack the CSV again")
+                if pack.get("pack_id") != self.index["pack_id"]:
+                    raise UserError(f"{self._paths[n]}: belongs to another pack than {self.index_path}")
+                if metadata.num_rows != self.shards[n]["rows"]:
+                    problem = ValueError(f"{metadata.num_rows} rows, its index lists {self.shards[n]['rows']}")
+            if problem is not None:
                 logger.warning("%s: unreadable shard (%s); its rows count as unreadable audio", self._paths[n],
-                               result)
+                               _reason(problem))
                 footers.append(None)
                 damaged.append(n)
-                continue
-            footer, pack, rows = result
-            if pack is None or pack.get("version") != VERSION:
-                version = None if pack is None else pack.get("version")
-                raise UserError(f"{self._paths[n]}: shard of pack format version {version}, this ecapa-accel reads "
-                                f"version {VERSION}; pack the CSV again")
-            if pack.get("pack_id") != self.index["pack_id"]:
-                raise UserError(f"{self._paths[n]}: belongs to another pack than {self.index_path}")
-            if rows != self.shards[n]["rows"]:
-                logger.warning("%s: %d rows, its index lists %d; its rows count as unreadable audio",
-                               self._paths[n], rows, self.shards[n]["rows"])
-                footers.append(None)
-                damaged.append(n)
-                continue
-            footers.append(footer)
+            else:
+                footers.append(footer)
         unreadable = np.flatnonzero(np.isin(self.shard_of_row, damaged)).tolist()
         return footers, unreadable
 
