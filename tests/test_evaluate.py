@@ -13,7 +13,8 @@ import pytest
 import soundfile
 import torch
 
-from ecapa_accel.cli import main
+from conftest import run_cli
+
 from ecapa_accel.config import EvalConfig, FeaturesConfig
 from ecapa_accel.encoder import EcapaEncoder
 from ecapa_accel.errors import UserError
@@ -197,13 +198,6 @@ def write_trials(manifest, kaldi=False):
     trials = manifest.parent / ("trials_kaldi.txt" if kaldi else "trials.txt")
     trials.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return trials
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def test_eval_scores_equal_cosines_of_embed_file(capsys, export_dir, corpus):

@@ -8,9 +8,8 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from matplotlib.image import imread
-
-from ecapa_accel.cli import main
 
 ALL_PLOTS = {"loss_accuracy.png", "schedule.png", "throughput.png", "validation_eer.png", "det.png"}
 
@@ -36,13 +35,6 @@ def write_run(run_dir, evaluations=True):
                                 "min_dcf": 0.9 - step / 1000, "threshold": 0.5, "scores": f"eval/step_{step}.txt"})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def run_cli(capsys, *args):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(arg) for arg in args])
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def assert_real_png(path):

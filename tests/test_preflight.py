@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from ecapa_accel.cli import main
+from conftest import cli, run_cli, tree
 
 
 def tiny_config(tmp_path: Path, tone_corpus, **sections) -> Path:
@@ -30,22 +28,6 @@ def tiny_config(tmp_path: Path, tone_corpus, **sections) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def cli_in_process(capsys, *args: str) -> tuple[int, str]:
-    """The real CLI entry in this process (quick: no interpreter start); (exit status, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    return exit_.value.code, capsys.readouterr().err
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *args], capture_output=True, text=True,
-                          timeout=300)
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def assert_one_line_naming(status: int, stderr: str, name: str) -> None:
@@ -78,7 +60,7 @@ def assert_one_line_naming(status: int, stderr: str, name: str) -> None:
 def test_config_mistakes_exit_2_before_the_run_dir_exists(tmp_path, tone_corpus, capsys, overrides, named):
     config = tiny_config(tmp_path, tone_corpus)
     run = tmp_path / "run"
-    status, stderr = cli_in_process(capsys, "train", str(config), "--run-dir", str(run), *overrides)
+    status, _, stderr = run_cli(capsys, "train", str(config), "--run-dir", str(run), *overrides)
     assert_one_line_naming(status, stderr, named)
     assert not run.exists()
 
@@ -86,7 +68,7 @@ def test_config_mistakes_exit_2_before_the_run_dir_exists(tmp_path, tone_corpus,
 def test_an_infinite_dataset_weight_exits_2(tmp_path, tone_corpus, capsys):
     config = tiny_config(tmp_path, tone_corpus)
     config.write_text(config.read_text().replace("name: alpha", "name: alpha\n    weight: .inf"))
-    status, stderr = cli_in_process(capsys, "train", str(config), "--run-dir", str(tmp_path / "run"))
+    status, _, stderr = run_cli(capsys, "train", str(config), "--run-dir", str(tmp_path / "run"))
     assert_one_line_naming(status, stderr, "data.datasets[0].weight")
     assert not (tmp_path / "run").exists()
 
@@ -96,7 +78,7 @@ def test_a_regular_file_as_run_dir_or_its_parent_exits_2(tmp_path, tone_corpus, 
     occupied = tmp_path / "occupied"
     occupied.write_text("notes\n")
     for run in (occupied, occupied / "run"):
-        status, stderr = cli_in_process(capsys, "train", str(config), "--run-dir", str(run))
+        status, _, stderr = run_cli(capsys, "train", str(config), "--run-dir", str(run))
         assert_one_line_naming(status, stderr, str(run))
         assert occupied.read_text() == "notes\n"
 
@@ -119,7 +101,7 @@ def test_validation_inputs_are_checked_before_the_first_step(tmp_path, tone_corp
     values = {key: str(tmp_path / value) for key, value in eval_values.items()}
     run = tmp_path / "run"
     overrides = [f"eval.{key}={value}" for key, value in values.items()]
-    status, stderr = cli_in_process(capsys, "train", str(config), "--run-dir", str(run), *overrides)
+    status, _, stderr = run_cli(capsys, "train", str(config), "--run-dir", str(run), *overrides)
     assert_one_line_naming(status, stderr, named)
     assert not run.exists()
 

@@ -14,20 +14,12 @@ import soundfile
 import torch
 import yaml
 from safetensors.torch import load_file
-from test_train import STEPS, assert_identical, assert_user_error, cli, records_of, tiny_config
+from conftest import STEPS, assert_identical, assert_user_error, cli, records_of, run_cli, tiny_config, write_tone_corpus
 
 import ecapa_accel as ea
 from ecapa_accel.checkpoint import run_status
-from ecapa_accel.cli import main as cli_main
 
 pytestmark = pytest.mark.slow  # trains through the CLI or the API: the slow tier
-
-
-def in_process(capsys, *args: str) -> tuple[int, str]:
-    """Run the CLI in this process: (exit status, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        cli_main(list(args))
-    return exited.value.code, capsys.readouterr().err
 
 
 def weights(run, step: int) -> dict[str, torch.Tensor]:
@@ -61,8 +53,6 @@ DAMAGE = {
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 10-step run keeping checkpoints 3, 6, 9 and 10."""
-    from conftest import write_tone_corpus
-
     root = tmp_path_factory.mktemp("finished")
     config = tiny_config(root, lambda name, **kw: write_tone_corpus(root, name, **kw), keep_checkpoints=10)
     run = root / "run"
@@ -100,10 +90,10 @@ def test_only_a_trainer_state_or_no_intact_checkpoint(tmp_path, finished_run, ca
     (checkpoints / "step_7").mkdir()
     shutil.copy(checkpoints / "step_3" / "trainer_state.json", checkpoints / "step_7")
     assert run_status(run)["step"] == 3
-    code, err = in_process(capsys, "resume", str(run), "--step", "7")
+    code, _, err = run_cli(capsys, "resume", str(run), "--step", "7")
     assert code == 2 and "step_7" in err and "missing" in err, err
     (checkpoints / "step_3" / "optimizer.bin").unlink()
-    code, err = in_process(capsys, "status", str(run))
+    code, _, err = run_cli(capsys, "status", str(run))
     assert code == 2 and "no intact checkpoint" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -125,7 +115,7 @@ def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(tmp_path, tone_
         return real_save(self, output_dir, **kwargs)
 
     monkeypatch.setattr(Accelerator, "save_state", save_until_full)
-    code, err = in_process(capsys, "train", str(config), "--run-dir", str(run))
+    code, _, err = run_cli(capsys, "train", str(config), "--run-dir", str(run))
     lines = [line for line in err.strip().splitlines() if line.startswith("error")]
     assert code == 2 and len(lines) == 1 and "No space left on device" in lines[0] and "step_6" in lines[0], err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_3"]  # no partial folder left

@@ -7,72 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from safetensors.torch import load_file
+
+from conftest import (STEPS, assert_identical, assert_user_error, cli, final_weights, records_of, start, tiny_config,
+                      tree, wait_for)
 
 pytestmark = pytest.mark.slow  # CLI subprocesses: the slow tier
-
-STEPS = 10
-
-
-def tiny_config(tmp_path: Path, tone_corpus, **train) -> Path:
-    """Two generated datasets, a tiny ECAPA and a short run; returns the config path."""
-    first = tone_corpus("alpha", speakers=3, utterances=4, seconds=1.0)
-    second = tone_corpus("beta", speakers=3, utterances=4, seconds=1.0, seed=1)
-    config = {
-        "data": {
-            "datasets": [
-                {"name": "alpha", "csv": str(first), "weight": 0.5},
-                {"name": "beta", "csv": str(second), "weight": 0.5},
-            ],
-            "crop_seconds": 0.5,
-            "num_workers": 0,
-        },
-        "features": {"n_mels": 24},
-        "model": {"channels": 16, "embed_dim": 16},
-        "optim": {"lr": 0.05, "warmup_epochs": 0.5},
-        "train": {"batch_size": 4, "max_steps": STEPS, "epochs": 100, "checkpoint_every_steps": 3,
-                  "checkpoint_every_minutes": 0, "log_every_steps": 1, **train},
-    }
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *args], capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ecapa_accel.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    status = json.loads(cli("status", str(run_dir), "--json").stdout)
-    assert status["finished"] and status["step"] == STEPS, status
-    return load_file(str(run_dir / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
-
-
-def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
-def records_of(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
 
 @pytest.fixture
 def reference(tmp_path, tone_corpus):
@@ -86,14 +28,6 @@ def reference(tmp_path, tone_corpus):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "train"] == list(range(1, STEPS + 1))
     return config, final_weights(run)
-
-
-def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, reference):
@@ -187,14 +121,6 @@ def test_bf16_autocast_on_cpu_trains_without_nan(tmp_path, tone_corpus):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert sorted(os.listdir(run / "checkpoints")) == ["step_2", "step_3"]
-
-
-def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
