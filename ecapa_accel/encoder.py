@@ -28,6 +28,7 @@ from .data.audio import UnreadableAudio, audio_header, read_audio
 from .errors import UserError
 from .features import FeatureExtractor
 from .model import MIN_FRAMES, EcapaTdnn, build_model
+from .rundir import RunDir
 
 EXPORT_FORMAT = "ecapa-accel"
 WEIGHTS_FILE = "model.safetensors"
@@ -176,8 +177,8 @@ def export_folder(model_dir: Path) -> Path:
         raise UserError(f"{model_dir}: model folder not found")
     if (model_dir / CONFIG_FILE).exists() or (model_dir / WEIGHTS_FILE).exists():
         return model_dir
-    if (model_dir / "export").is_dir():
-        return model_dir / "export"
+    if RunDir(model_dir).export.is_dir():
+        return RunDir(model_dir).export
     raise UserError(f"{model_dir}: neither an export folder ({WEIGHTS_FILE} + {CONFIG_FILE}) nor a run directory "
                     "with export/")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .convert import peer_layouts, peer_model, read_state_dict
 from .encoder import WEIGHTS_FILE, EcapaEncoder, export_folder
 from .errors import UserError
 from .model import EcapaTdnn, build_model
+from .rundir import RunDir
 
 # Front-end keys that change the features a network sees (dither only perturbs training input).
 FRONT_END_KEYS = ("kind", "n_mels", "frame_length_ms", "frame_shift_ms", "window", "waveform_scale", "mean_norm")
@@ -88,7 +88,7 @@ def resolve_init(cfg: Config) -> InitSource | None:
     source = InitSource(path=path, weights_file=weights_file, sha256=sha256, embedding=embedding,
                         source_run=source_run)
     if source_run is not None:
-        source.label_map = json.loads((source_run / "speakers.json").read_text(encoding="utf-8"))
+        source.label_map = RunDir(source_run).read_label_map()
         source.head_checkpoint = find_checkpoint(source_run)
         if source.head_checkpoint is not None:
             source.head = _read_head(source.head_checkpoint / CHECKPOINT_WEIGHTS)
@@ -149,7 +149,7 @@ def _read_peer(path: Path, peer: str | None) -> tuple[EcapaTdnn, FeaturesConfig,
 def _run_of(path: Path) -> Path | None:
     """The run directory that `path` (a run directory, or an export folder directly inside one) belongs to."""
     for candidate in (path, path.parent):
-        if (candidate / "config.yaml").is_file() and (candidate / "speakers.json").is_file():
+        if RunDir(candidate).is_run() and RunDir(candidate).speakers.is_file():
             return candidate
     return None
 
