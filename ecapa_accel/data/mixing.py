@@ -73,14 +73,17 @@ def block_shuffled_rows(block_lengths: np.ndarray, count: int, window: int, seed
     order of the blocks cut into windows of `window` blocks, the rows of each window in a seeded order."""
     size = int(np.sum(block_lengths))
     starts = np.cumsum([0, *block_lengths[:-1]])
-    passes = []
-    for n in range(math.ceil(count / size)):
+    order = np.empty(math.ceil(count / size) * size, dtype=np.int64)  # filled in place: one array of a million
+    filled = 0
+    for n in range(len(order) // size):
         blocks = random_stream(seed, BLOCK_ORDER, epoch, dataset, n).permutation(len(block_lengths))
         for w in range(0, len(blocks), window):
             chosen = blocks[w : w + window]
             rows = np.concatenate([np.arange(starts[b], starts[b] + block_lengths[b]) for b in chosen])
-            passes.append(rows[random_stream(seed, BLOCK_ORDER, epoch, dataset, n, w + 1).permutation(len(rows))])
-    return np.concatenate(passes)[:count]
+            order[filled : filled + len(rows)] = rows[
+                random_stream(seed, BLOCK_ORDER, epoch, dataset, n, w + 1).permutation(len(rows))]
+            filled += len(rows)
+    return order[:count]
 
 
 def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int,

@@ -389,35 +389,45 @@ class ShardDataset:
             raise UserError(f"{spec}: no shard of {self.index_path} matches '{pattern}'")
         self.shards = [listed[n] for n in chosen]
         self._paths = [posixpath.join(self.folder, shard["file"]) for shard in self.shards]
-        catalogue = self._read_catalogue()
-        shard_column = catalogue.column("shard").to_numpy()
+        catalogue = self._open_catalogue()
+        # A few columns at a time, each dropped once used: a million rows of all of them at once take ~70 MB.
+        columns = catalogue.read(columns=["shard", "group", "bytes", "csv_row"])
+        shard_column = columns.column("shard").to_numpy()
         keep = np.isin(shard_column, chosen)
-        if not keep.all():
-            catalogue = catalogue.filter(pa.array(keep))
-            shard_column = shard_column[keep]
+        if keep.all():
+            keep = None
+        else:
+            columns, shard_column = columns.filter(pa.array(keep)), shard_column[keep]
         renumber = np.full(len(listed), -1, dtype=np.int32)
         renumber[chosen] = np.arange(len(chosen), dtype=np.int32)
         self.shard_of_row = renumber[shard_column]
-        group = catalogue.column("group").to_numpy()
+        group = columns.column("group").to_numpy()
         boundary = np.ones(len(group), dtype=bool)
         boundary[1:] = (self.shard_of_row[1:] != self.shard_of_row[:-1]) | (group[1:] != group[:-1])
         self.block_start = np.flatnonzero(boundary)
         self.block_lengths = np.diff(np.append(self.block_start, len(group)))
         self.block_shard = self.shard_of_row[self.block_start]
         self.block_group = group[self.block_start]
-        self.block_bytes = np.add.reduceat(catalogue.column("bytes").to_numpy(), self.block_start)
-        self.csv_row = catalogue.column("csv_row").to_numpy()
-        labels = catalogue.column("spk")
+        self.block_bytes = np.add.reduceat(columns.column("bytes").to_numpy(), self.block_start)
+        self.csv_row = columns.column("csv_row").to_numpy()
+
+        def read(names: list[str]) -> pa.Table:
+            table = catalogue.read(columns=names)
+            return table if keep is None else table.filter(pa.array(keep))
+
+        labels = read(["spk"]).column("spk")
         self.speakers = sorted(pc.unique(labels).to_pylist())
         speaker_index = pc.index_in(labels, value_set=pa.array(self.speakers)).to_numpy()
         self.speaker_index = speaker_index.astype(np.int32, copy=False)
-        self.start = catalogue.column("start").to_numpy(zero_copy_only=False)
-        self.stop = catalogue.column("stop").to_numpy(zero_copy_only=False)
-        self.seconds = float(pc.sum(catalogue.column("dur")).as_py() or 0.0)
+        bounds = read(["start", "stop"])
+        self.start = bounds.column("start").to_numpy(zero_copy_only=False)
+        self.stop = bounds.column("stop").to_numpy(zero_copy_only=False)
+        summary = read(["dur", "sample_rate", "channels"])
+        self.seconds = float(pc.sum(summary.column("dur")).as_py() or 0.0)
         self.sample_rates, self.channels = (
-            Counter({item["values"]: item["counts"] for item in pc.value_counts(catalogue.column(name)).to_pylist()})
+            Counter({item["values"]: item["counts"] for item in pc.value_counts(summary.column(name)).to_pylist()})
             for name in ("sample_rate", "channels"))
-        del catalogue, labels, group, boundary  # the per-row columns kept above stay; the rest goes before footers
+        del catalogue, columns, labels, bounds, summary, group, boundary
         self._footers, self.unreadable = self._read_footers()
 
     def __len__(self) -> int:
@@ -457,18 +467,21 @@ class ShardDataset:
                             f"reads version {VERSION}; pack the CSV again")
         return index
 
-    def _read_catalogue(self) -> pa.Table:
+    def _open_catalogue(self) -> pq.ParquetFile:
+        """The pack's per-row table: memory-mapped when local, else fetched whole with one request."""
         path = posixpath.join(self.folder, self.index.get("catalogue", CATALOGUE))
         try:
-            table = pq.read_table(pa.BufferReader(self.fs.cat_file(path)), columns=[
-                "spk", "start", "stop", "dur", "sample_rate", "channels", "csv_row", "shard", "group", "bytes"])
+            source = path if isinstance(self.fs, LocalFileSystem) else pa.BufferReader(self.fs.cat_file(path))
+            catalogue = pq.ParquetFile(source, memory_map=True)
         except FileNotFoundError:
             raise UserError(f"{self.index_path}: its catalogue {path} is missing") from None
         except Exception as error:
             raise UserError(f"{path}: cannot read the pack's catalogue: {_reason(error)}") from None
-        if table.num_rows != self.index["rows"]:
-            raise UserError(f"{path}: {table.num_rows} rows, its index lists {self.index['rows']}")
-        return table
+        missing = set(CATALOGUE_SCHEMA.names) - set(catalogue.schema_arrow.names)
+        if missing or catalogue.metadata.num_rows != self.index["rows"]:
+            raise UserError(f"{path}: not the catalogue its index describes ({catalogue.metadata.num_rows} rows, "
+                            f"{self.index['rows']} listed{'; no column ' + min(missing) if missing else ''})")
+        return catalogue
 
     def _read_footers(self) -> tuple[list[bytes | None], list[int]]:
         """Every chosen shard's footer (one or two range reads each, fetched in parallel, checked one at a time
