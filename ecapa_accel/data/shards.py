@@ -18,6 +18,7 @@ renamed when complete, the index last; a pack without index.json is unfinished a
 from __future__ import annotations
 
 import fnmatch
+import functools
 import glob as globbing
 import hashlib
 import io
@@ -350,6 +351,7 @@ def _read_footer(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
     return b"PAR1" + tail[-(length + 8):]
 
 
+@functools.lru_cache(maxsize=16)  # the shards being read; a parsed footer takes ~150 KB
 def _parse_footer(footer: bytes) -> pq.FileMetaData:
     return pq.read_metadata(pa.BufferReader(footer))
 
