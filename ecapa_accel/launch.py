@@ -37,8 +37,10 @@ QUIET_OUTCOMES = (2, 128 + signal.SIGTERM, 128 + signal.SIGINT)  # user error, p
 # How the launcher reports a failed rank: torch elastic's summary (the root cause comes last) and the
 # one-process launcher's CalledProcessError.
 _RANK_EXIT = re.compile(rb"exitcode\s*:\s*(-?\d+)|returned non-zero exit status (-?\d+)")
-# Where the launcher's own report starts: a traceback, or a torch elastic log line (glog style, e.g. "E1202 ...").
-_REPORT_START = re.compile(rb"^(Traceback \(most recent call last\):|[IWE]\d{4} \d\d:\d\d:\d\d)")
+# The launcher's own report: a traceback (held with all that follows), torch elastic's log lines (glog style,
+# "E1202 06:32:42.949000 ..."; held one by one).
+_TRACEBACK = b"Traceback (most recent call last):"
+_ELASTIC_LOG = re.compile(rb"^[IWE]\d{4} \d\d:\d\d:\d\d")
 
 
 def die_with_parent(signum: int) -> None:
@@ -86,6 +88,7 @@ class _Relay:
     def __init__(self, stream):
         self.stream = stream
         self.held: list[bytes] = []
+        self.in_traceback = False
         self.errors_shown: set[bytes] = set()
         self.thread = threading.Thread(target=self._copy, daemon=True)
         self.thread.start()
@@ -101,7 +104,8 @@ class _Relay:
             self._route(pending)
 
     def _route(self, piece: bytes) -> None:
-        if self.held or _REPORT_START.match(piece):
+        self.in_traceback = self.in_traceback or piece.startswith(_TRACEBACK)
+        if self.in_traceback or _ELASTIC_LOG.match(piece):
             self.held.append(piece)
             return
         if piece.startswith(b"error: "):
@@ -151,12 +155,12 @@ def launch_training(argv: list[str]) -> int:
             signal.signal(signum, handler)
     report = relay.finish()
     outcome = _outcome(launcher.returncode, report)
-    if outcome in QUIET_OUTCOMES or outcome == 0:
+    if outcome in QUIET_OUTCOMES:
         # A pre-emption ends with the status of the signal we were sent (each rank saw that one first).
-        return 128 + requested[0] if requested and outcome != 2 and outcome != 0 else outcome
-    sys.stderr.buffer.write(report)
+        return 128 + requested[0] if requested and outcome != 2 else outcome
+    sys.stderr.buffer.write(report)  # after success: warnings only
     sys.stderr.buffer.flush()
-    return launcher.returncode if launcher.returncode > 0 else 1
+    return 0 if outcome == 0 else launcher.returncode if launcher.returncode > 0 else 1
 
 
 def _children(pid: int) -> list[psutil.Process]:

@@ -145,7 +145,6 @@ CASES = [  # (launcher, delivery, resume and compare): each launcher, each signa
     ("accelerate-1", "term-launcher", False),
     ("launch-1", "term-group", True),
     ("launch-1", "int-launcher", False),
-    ("launch-1", "term-twice", False),
     ("launch-2", "int-group", True),
     ("launch-2", "term-launcher", False),
     ("launch-2", "term-twice", False),
