@@ -124,18 +124,26 @@ def two_machines(corpus):
     return run, results, weights(run)
 
 
-def launch_machines(config: Path, run_dirs: list[Path]) -> list[subprocess.CompletedProcess]:
+def start_machines(config: Path, run_dirs: list[Path], launcher: list[str]) -> list[subprocess.Popen]:
+    """One launcher per "machine" on loopback (`--machine_rank` 0, 1, ...), one process each, own sessions."""
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    machines = [
-        subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-                          "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "ecapa_accel.train", str(config), "--run-dir", str(run_dir)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_ENV)
+    return [
+        subprocess.Popen([sys.executable, *launcher, "--multi_gpu", "--num_processes", str(len(run_dirs)),
+                          "--num_machines", str(len(run_dirs)), "--machine_rank", str(rank),
+                          "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+                          "--mixed_precision", "no", "--dynamo_backend", "no", *(["-m", "ecapa_accel.train"]
+                          if "accelerate.commands.launch" in launcher else []), str(config), "--run-dir",
+                          str(run_dir)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_ENV,
+                         start_new_session=True)
         for rank, run_dir in enumerate(run_dirs)
     ]
+
+
+def launch_machines(config: Path, run_dirs: list[Path]) -> list[subprocess.CompletedProcess]:
+    machines = start_machines(config, run_dirs, ["-m", "accelerate.commands.launch"])
     return [subprocess.CompletedProcess(m.args, m.wait(timeout=300), *m.communicate()) for m in machines]
 
 
@@ -144,7 +152,6 @@ CASES = [  # (launcher, delivery, resume and compare): each launcher, each signa
     ("train", "term-twice", False),
     ("accelerate-1", "term-launcher", False),
     ("launch-1", "term-group", True),
-    ("launch-1", "int-launcher", False),
     ("launch-2", "int-group", True),
     ("launch-2", "term-launcher", False),
     ("launch-2", "term-twice", False),
@@ -261,3 +268,17 @@ def test_machines_that_do_not_share_the_run_dir_fail_with_one_clear_line(corpus)
     for result in results:  # each machine's one rank says it, naming its own --run-dir
         lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and "shared by all machines" in lines[0], result.stderr[-3000:]
+
+
+def test_a_signal_to_one_machine_stops_both_at_the_same_step(corpus):
+    """SLURM may signal one node first: its ranks tell the others at the step's agreement, and the other node's
+    `ecapa-accel launch`, never signalled, recognises its rank's 143 and exits 143 too."""
+    root, config = corpus
+    run = root / "two-machines-preempted"
+    machines = start_machines(config, [run, run], ["-m", "ecapa_accel.cli", "launch"])
+    wait_for(lambda: len(logged_steps(run)) >= 2, machines[0])
+    os.killpg(machines[0].pid, signal.SIGTERM)
+    for machine in machines:
+        machine.wait(timeout=120)
+    for machine in machines:
+        assert_stopped_cleanly(machine, run, 128 + signal.SIGTERM)
