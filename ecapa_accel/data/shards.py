@@ -26,9 +26,7 @@ import json
 import logging
 import os
 import posixpath
-import queue
 import re
-import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -585,30 +583,6 @@ def is_shards(spec: str | Path) -> bool:
         os.path.isdir(text)
 
 
-class _DaemonReaders:
-    """A few daemon threads running block reads. Not a ThreadPoolExecutor: its threads are joined at exit, so a
-    read stuck on an unreachable server would hold up the end of a process whose training already failed."""
-
-    def __init__(self, threads: int):
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
-        for _ in range(threads):
-            threading.Thread(target=self._work, daemon=True).start()
-
-    def submit(self, function: Callable, *args) -> Future:
-        future: Future = Future()
-        self.tasks.put((future, function, args))
-        return future
-
-    def _work(self) -> None:
-        while True:
-            future, function, args = self.tasks.get()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function(*args))
-                except BaseException as error:  # handed to whoever waits for the block
-                    future.set_exception(error)
-
-
 class BlockCache:
     """Blocks of audio bytes held by one process, within a byte budget, least recently used evicted first.
 
@@ -619,7 +593,7 @@ class BlockCache:
 
     def __init__(self, budget_bytes: int, threads: int = READ_AHEAD_THREADS):
         self.budget = budget_bytes
-        self.readers = _DaemonReaders(threads)
+        self.readers = ThreadPoolExecutor(threads, thread_name_prefix="shard-read-ahead")
         self.blocks: OrderedDict[tuple[int, int], tuple[Future, int]] = OrderedDict()
         self.used = 0
         self.reads = 0
@@ -637,6 +611,14 @@ class BlockCache:
         self.blocks[key] = (self.readers.submit(dataset.read_block, key[1]), size)
         self.used += size
         self.reads += 1
+
+    def cancel_read_ahead(self) -> None:
+        """Forget the blocks not read yet (the iteration that wanted them has ended): a process exits after the
+        reads under way, not after all that were planned."""
+        for key, (future, size) in list(self.blocks.items()):
+            if future.cancel():
+                del self.blocks[key]
+                self.used -= size
 
     def read_ahead(self, wanted: list[tuple[int, int, ShardDataset]]) -> None:
         """Start reading (dataset, block) pairs in order of need while they fit; the first ones are kept."""

@@ -211,7 +211,15 @@ class TrainingData:
             collate_fn=_collate,
             worker_init_fn=_leave_shutdown_to_the_main_process,
         )
-        return iter(loader)
+        return self._cancelling_read_ahead(iter(loader))
+
+    def _cancelling_read_ahead(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """`batches`, then (when exhausted or closed) the shard reads planned for later ones are dropped."""
+        try:
+            yield from batches
+        finally:
+            if self._cache is not None and self._cache[0] == os.getpid():
+                self._cache[1].cancel_read_ahead()
 
 
 class _EpochSamples(Dataset):
