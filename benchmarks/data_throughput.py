@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,47 +34,29 @@ import torch
 import torchaudio.compliance.kaldi as kaldi
 import torchaudio.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ecapa_accel.config import config_from_dict  # noqa: E402
-from ecapa_accel.data import build_training_data  # noqa: E402
-from ecapa_accel.data.augment import reverberate  # noqa: E402
+from _corpus import write_manifest, write_noise_wavs
+from ecapa_accel.config import config_from_dict
+from ecapa_accel.data import build_training_data
+from ecapa_accel.data.augment import reverberate
 
 RATE = 16000
 CROP_SECONDS = 3.0
-
-
-def write_wavs(folder: Path, seconds: list[float], rng: np.random.Generator) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, length in enumerate(seconds):
-        path = folder / f"{i:04d}.wav"
-        soundfile.write(path, (0.1 * rng.standard_normal(int(length * RATE))).astype(np.float32), RATE,
-                        subtype="PCM_16")
-        paths.append(path)
-    return paths
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle).writerows([header, *rows])
-    return path
 
 
 def make_corpus(root: Path, files: int) -> dict:
     """VoxCeleb-like speech (4-12 s, 20 speakers); MUSAN-like noise in MUSAN's proportions and mean lengths
     (noise 46 % of files, ~23 s; music 33 %, ~230 s; speech 21 %, ~255 s); 0.5 s RIRs."""
     rng = np.random.default_rng(0)
-    speech = write_wavs(root / "speech", list(rng.uniform(4, 12, files)), rng)
+    speech = write_noise_wavs(root / "speech", list(rng.uniform(4, 12, files)), rng)
     noises = []
     for category, count, low, high in (("noise", 9, 5, 40), ("music", 7, 150, 310), ("speech", 4, 180, 330)):
-        noises += write_wavs(root / "musan" / category, list(rng.uniform(low, high, count)), rng)
-    rirs = write_wavs(root / "rirs", [0.5] * 20, rng)
+        noises += write_noise_wavs(root / "musan" / category, list(rng.uniform(low, high, count)), rng)
+    rirs = write_noise_wavs(root / "rirs", [0.5] * 20, rng)
     return {
-        "train": write_csv(root / "train.csv", ["ID", "path", "spk"],
+        "train": write_manifest(root / "train.csv", ["ID", "path", "spk"],
                            [[f"u{i}", str(p), f"s{i % 20}"] for i, p in enumerate(speech)]),
-        "noise": write_csv(root / "noise.csv", ["ID", "path"], [[f"{p.parent.name}{p.stem}", str(p)] for p in noises]),
-        "rir": write_csv(root / "rir.csv", ["ID", "path"], [[p.stem, str(p)] for p in rirs]),
+        "noise": write_manifest(root / "noise.csv", ["ID", "path"], [[f"{p.parent.name}{p.stem}", str(p)] for p in noises]),
+        "rir": write_manifest(root / "rir.csv", ["ID", "path"], [[p.stem, str(p)] for p in rirs]),
     }
 
 

@@ -14,44 +14,34 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import soundfile
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ecapa_accel.checkpoint import CheckpointSaver, TrainerState  # noqa: E402
-from ecapa_accel.config import ModelConfig, load_config  # noqa: E402
-from ecapa_accel.data import build_training_data  # noqa: E402
-from ecapa_accel.features import FeatureExtractor  # noqa: E402
-from ecapa_accel.loss import AAMSoftmax  # noqa: E402
-from ecapa_accel.model import build_model  # noqa: E402
-from ecapa_accel.trainer import build_optimizer, train  # noqa: E402
-from _report import emit  # noqa: E402
+from _corpus import write_manifest, write_noise_wavs
+from ecapa_accel.checkpoint import CheckpointSaver, TrainerState
+from ecapa_accel.config import ModelConfig, load_config
+from ecapa_accel.data import build_training_data
+from ecapa_accel.features import FeatureExtractor
+from ecapa_accel.loss import AAMSoftmax
+from ecapa_accel.model import build_model
+from ecapa_accel.optim import build_optimizer
+from ecapa_accel.trainer import train
+from _report import emit
 
 
 def write_corpus(root: Path, rows: int, files: int = 40, seconds: float = 3.0) -> Path:
     """`files` real wav files (8 speakers) listed `rows` times in one manifest."""
-    rng = np.random.default_rng(0)
-    for i in range(files):
-        soundfile.write(root / f"{i}.wav", (0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32), 16000)
-    manifest = root / f"rows_{rows}.csv"
-    with open(manifest, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["ID", "path", "spk", "dur"])
-        for i in range(rows):
-            writer.writerow([f"u{i}", f"{i % files}.wav", f"s{i % 8}", f"{seconds}"])
-    return manifest
+    paths = write_noise_wavs(root, [seconds] * files, np.random.default_rng(0))
+    return write_manifest(root / f"rows_{rows}.csv", ["ID", "path", "spk", "dur"],
+                          [[f"u{i}", paths[i % files].name, f"s{i % 8}", f"{seconds}"] for i in range(rows)])
 
 
 def write_config(root: Path, manifest: Path, **train) -> Path:

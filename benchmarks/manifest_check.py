@@ -20,15 +20,12 @@ import glob
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def write_manifest(root: Path, rows: int, hard_links: bool) -> Path:

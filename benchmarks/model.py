@@ -14,15 +14,12 @@ import argparse
 import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ecapa_accel.model import EcapaTdnn  # noqa: E402
+from ecapa_accel.model import EcapaTdnn
 
 PEER_MODEL_FILE = "speakerlab/models/ecapa_tdnn/ECAPA_TDNN.py"
 

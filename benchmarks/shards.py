@@ -33,15 +33,13 @@ import pyarrow.parquet as pq
 import soundfile
 import torch
 
+from _corpus import write_manifest, write_noise_wavs
+from _report import emit
+from ecapa_accel.config import config_from_dict
+from ecapa_accel.data import build_training_data, pack_manifest
+from ecapa_accel.data.shards import CATALOGUE_SCHEMA, FORMAT, METADATA_KEY, SHARD_SCHEMA, VERSION
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _report import emit  # noqa: E402
-
-from ecapa_accel.config import config_from_dict  # noqa: E402
-from ecapa_accel.data import build_training_data, pack_manifest  # noqa: E402
-from ecapa_accel.data.shards import CATALOGUE_SCHEMA, FORMAT, METADATA_KEY, SHARD_SCHEMA, VERSION  # noqa: E402
 
 RATE = 16000
 CROP_SECONDS = 3.0
@@ -53,17 +51,9 @@ MEMORY_MB = 48.0
 
 def make_corpus(root: Path, files: int) -> Path:
     rng = np.random.default_rng(0)
-    (root / "speech").mkdir(parents=True)
-    rows = []
-    for i, seconds in enumerate(rng.uniform(4, 12, files)):
-        path = root / "speech" / f"{i:05d}.wav"
-        soundfile.write(path, (0.1 * rng.standard_normal(int(seconds * RATE))).astype(np.float32), RATE,
-                        subtype="PCM_16")
-        rows.append([f"u{i}", str(path), f"s{i % 50}"])
-    manifest = root / "train.csv"
-    with open(manifest, "w", newline="") as handle:
-        csv.writer(handle).writerows([["ID", "path", "spk"], *rows])
-    return manifest
+    speech = write_noise_wavs(root / "speech", list(rng.uniform(4, 12, files)), rng)
+    return write_manifest(root / "train.csv", ["ID", "path", "spk"],
+                          [[f"u{i}", str(path), f"s{i % 50}"] for i, path in enumerate(speech)])
 
 
 def stream(dataset: dict):
