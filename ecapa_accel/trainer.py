@@ -316,7 +316,10 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         net.train()
         meter, epoch_meter = WindowMeter(state.step), WindowMeter(state.step)
         guard, step_bad = NonFiniteGuard(cfg.train), 0
-        while not state.finished and stop.signal is None:
+        # Whether to stop is decided by all processes together at each step: a signal that reaches one of them
+        # after that agreement waits for the next one, or ranks would leave the loop at different steps and hang.
+        stopping = False
+        while not state.finished and not stopping:
             batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
                                    accelerator.num_processes, cfg.data.num_workers)
             steps_before = state.step
@@ -345,6 +348,7 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
                 end_of_epoch = state.advance(cfg.train.batch_size, data.samples_per_epoch, total_steps)
                 bad_files, stop_requested, time_due = _agree(accelerator, step_bad, stop.signal, saver.due_by_time())
                 state.bad_files, step_bad = state.bad_files + bad_files, 0
+                stopping = stop_requested
                 stop.signal = stop.signal or (signal.SIGTERM if stop_requested else None)
                 progress.update(1)
                 lr, margin = scheduler.get_last_lr()[0], margin_at(state.step, steps_per_epoch, cfg.loss)
@@ -356,12 +360,12 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
                 if cfg.eval.trials and (end_of_epoch or state.finished or (
                         cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0)):
                     _validate(accelerator, net, cfg, run, state)
-                if saver.should_save(state, end_of_epoch, time_due, stop.signal is not None):
+                if saver.should_save(state, end_of_epoch, time_due, stopping):
                     saver.save(state)
-                if end_of_epoch or state.finished or stop.signal is not None:
+                if end_of_epoch or state.finished or stopping:
                     break
             del batches  # closes the DataLoader workers before the next epoch's loader forks new ones
-            if state.step == steps_before and not state.finished and stop.signal is None:
+            if state.step == steps_before and not state.finished and not stopping:
                 raise UserError(f"data: epoch {state.epoch} yielded no complete batch from sample {state.position}; "
                                 "did a manifest shrink under the run?")
 
@@ -373,7 +377,7 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         if state.finished and accelerator.is_main_process:
             print(_summary(run, state), file=sys.stderr)
         accelerator.wait_for_everyone()  # end_training (on leaving the block) ends the process group
-    if stop.signal is not None:
+    if stopping:
         raise Preempted(stop.signal, state.step, run.path)
     return run.export
 
