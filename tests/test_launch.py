@@ -45,6 +45,17 @@ def corpus(tmp_path_factory):
                              checkpoint_every_steps=100)
 
 
+@pytest.fixture(autouse=True)
+def no_job_left_behind(corpus):
+    """A failed case must not leave its job training (and loading the machine) under the next ones."""
+    yield
+    for process in job_processes(corpus[0]):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def start(launcher: str, config: Path, run: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, *LAUNCHERS[launcher], str(config), "--run-dir", str(run), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=CPU_ENV,
