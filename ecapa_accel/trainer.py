@@ -317,7 +317,8 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         meter, epoch_meter = WindowMeter(state.step), WindowMeter(state.step)
         guard, step_bad = NonFiniteGuard(cfg.train), 0
         # Whether to stop is decided by all processes together at each step: a signal that reaches one of them
-        # after that agreement waits for the next one, or ranks would leave the loop at different steps and hang.
+        # after that agreement waits for the next one, or ranks would leave the loop at different steps and hang
+        # (one process needs no agreement).
         stopping = False
         while not state.finished and not stopping:
             batches = data.batches(state.epoch, state.position, micro_batch, accelerator.process_index,
@@ -348,7 +349,7 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
                 end_of_epoch = state.advance(cfg.train.batch_size, data.samples_per_epoch, total_steps)
                 bad_files, stop_requested, time_due = _agree(accelerator, step_bad, stop.signal, saver.due_by_time())
                 state.bad_files, step_bad = state.bad_files + bad_files, 0
-                stopping = stop_requested
+                stopping = stop_requested or (accelerator.num_processes == 1 and stop.signal is not None)
                 stop.signal = stop.signal or (signal.SIGTERM if stop_requested else None)
                 progress.update(1)
                 lr, margin = scheduler.get_last_lr()[0], margin_at(state.step, steps_per_epoch, cfg.loss)
