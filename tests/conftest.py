@@ -81,6 +81,17 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return exit_info.value.code, out, err
 
 
+@pytest.fixture
+def cli_here(capsys):
+    """`ecapa-accel ARGS...` in this process (no interpreter start), answering like `cli` does."""
+
+    def run(*args) -> subprocess.CompletedProcess:
+        code, out, err = run_cli(capsys, *args)
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
+
+
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     """`ecapa-accel ARGS...` in a new interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *map(str, args)], capture_output=True,

@@ -128,27 +128,27 @@ def test_disk_full_during_a_save_is_one_line_and_the_run_resumes(tmp_path, tone_
 # ---- inputs changed under a run
 
 
-def test_a_changed_or_shrunk_manifest_is_refused_on_resume(tmp_path, tone_corpus):
+def test_a_changed_or_shrunk_manifest_is_refused_on_resume(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=3)
     run = tmp_path / "run"
-    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(run)).returncode == 0
     csv = tmp_path / "alpha" / "train.csv"
     original = csv.read_bytes()
     lines = original.decode().splitlines()
     csv.write_text("\n".join(lines[:-3]) + "\n")  # shrunk: same speakers, fewer rows
     before = sorted(p.name for p in run.rglob("*"))
-    assert_user_error(cli("resume", str(run), "train.max_steps=20"), str(csv), "changed")
+    assert_user_error(cli_here("resume", str(run), "train.max_steps=20"), str(csv), "changed")
     assert sorted(p.name for p in run.rglob("*")) == before
     csv.write_bytes(original)  # restored: resumes
-    assert cli("resume", str(run), "train.max_steps=5").returncode == 0
+    assert cli_here("resume", str(run), "train.max_steps=5").returncode == 0
 
 
-def test_requeued_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, tone_corpus):
+def test_requeued_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=2)
     run = tmp_path / "run"
-    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(run)).returncode == 0
     shutil.rmtree(run / "checkpoints")  # as if pre-empted before the first checkpoint
-    result = cli("resume", str(run))
+    result = cli_here("resume", str(run))
     assert result.returncode == 0, result.stderr
     line = [line for line in result.stderr.splitlines() if "no complete checkpoint" in line]
     assert len(line) == 1 and "step 0" in line[0], result.stderr
@@ -157,11 +157,11 @@ def test_requeued_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, tone_c
 # ---- accumulation changed on resume
 
 
-def test_changed_accumulation_keeps_every_optimizer_step_a_full_batch(tmp_path, tone_corpus):
+def test_changed_accumulation_keeps_every_optimizer_step_a_full_batch(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=3)  # an odd step count: 3 micro-steps done so far
     run = tmp_path / "run"
-    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
-    result = cli("resume", str(run), "train.max_steps=7", "train.max_device_batch_size=2")
+    assert cli_here("train", str(config), "--run-dir", str(run)).returncode == 0
+    result = cli_here("resume", str(run), "train.max_steps=7", "train.max_device_batch_size=2")
     assert result.returncode == 0, result.stderr
     train = [r for r in records_of(run) if r["type"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 8))
@@ -182,11 +182,11 @@ def _add_loud_file(csv_path, value: float = 1e38):
     return loud
 
 
-def test_a_non_finite_step_is_skipped_and_never_reaches_the_weights(tmp_path, tone_corpus):
+def test_a_non_finite_step_is_skipped_and_never_reaches_the_weights(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus)
     _add_loud_file(tmp_path / "alpha" / "train.csv")
     run = tmp_path / "run"
-    result = cli("train", str(config), "--run-dir", str(run))
+    result = cli_here("train", str(config), "--run-dir", str(run))
     assert result.returncode == 0, result.stderr
     train = [r for r in records_of(run) if r["type"] == "train"]
     assert train[-1]["skipped_steps"] >= 1
@@ -194,7 +194,7 @@ def test_a_non_finite_step_is_skipped_and_never_reaches_the_weights(tmp_path, to
         assert torch.isfinite(tensor).all()
 
     failing = tmp_path / "failing"
-    result = cli("train", str(config), "--run-dir", str(failing), "train.max_nonfinite_steps=0")
+    result = cli_here("train", str(config), "--run-dir", str(failing), "train.max_nonfinite_steps=0")
     errors = [line for line in result.stderr.splitlines() if line.startswith("error")]  # after the progress bar
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
     for word in ("non-finite", "loud.wav", "train.max_nonfinite_steps"):
@@ -204,18 +204,18 @@ def test_a_non_finite_step_is_skipped_and_never_reaches_the_weights(tmp_path, to
 # ---- continuing without LR jumps
 
 
-def test_raising_max_steps_continues_exactly_and_raising_epochs_never_jumps(tmp_path, tone_corpus):
+def test_raising_max_steps_continues_exactly_and_raising_epochs_never_jumps(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=None, epochs=2, checkpoint_every_steps=0)
     reference = tmp_path / "reference"
-    assert cli("train", str(config), "--run-dir", str(reference), "train.max_steps=8").returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(reference), "train.max_steps=8").returncode == 0
     stopped = tmp_path / "stopped"
-    assert cli("train", str(config), "--run-dir", str(stopped), "train.max_steps=4").returncode == 0
-    assert cli("resume", str(stopped), "train.max_steps=8").returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(stopped), "train.max_steps=4").returncode == 0
+    assert cli_here("resume", str(stopped), "train.max_steps=8").returncode == 0
     assert_identical(weights(stopped, 8), weights(reference, 8))  # max_steps only says where the run stops
 
     finished = tmp_path / "finished"  # 2 epochs of 6 steps: the cosine ends at step 12
-    assert cli("train", str(config), "--run-dir", str(finished)).returncode == 0
-    result = cli("resume", str(finished), "train.epochs=4")
+    assert cli_here("train", str(config), "--run-dir", str(finished)).returncode == 0
+    result = cli_here("resume", str(finished), "train.epochs=4")
     assert result.returncode == 0, result.stderr
     assert sum("without a jump" in line for line in result.stderr.splitlines()) == 1, result.stderr
     records = records_of(finished)
@@ -255,11 +255,11 @@ def test_train_raises_preempted_and_restores_signal_handlers(tmp_path, tone_corp
     assert run_status(tmp_path / "run")["checkpoints"][-1] == "step_2"
 
 
-def test_config_yaml_rewrite_is_atomic(tmp_path, tone_corpus):
+def test_config_yaml_rewrite_is_atomic(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=2)
     run = tmp_path / "run"
-    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
-    assert cli("resume", str(run), "train.max_steps=3").returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(run)).returncode == 0
+    assert cli_here("resume", str(run), "train.max_steps=3").returncode == 0
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 3
     assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # no temporary left beside it
 

@@ -123,48 +123,48 @@ def test_bf16_autocast_on_cpu_trains_without_nan(tmp_path, tone_corpus):
     assert sorted(os.listdir(run / "checkpoints")) == ["step_2", "step_3"]
 
 
-def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus):
+def test_bad_inputs_exit_2_and_leave_run_dir_alone(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=2)
     run = tmp_path / "run"
 
-    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.bogus=1"), "train.bogus")
-    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=many"), "train.batch_size")
-    assert_user_error(cli("train", str(tmp_path / "missing.yaml"), "--run-dir", str(run)), "missing.yaml")
+    assert_user_error(cli_here("train", str(config), "--run-dir", str(run), "train.bogus=1"), "train.bogus")
+    assert_user_error(cli_here("train", str(config), "--run-dir", str(run), "train.batch_size=many"), "train.batch_size")
+    assert_user_error(cli_here("train", str(tmp_path / "missing.yaml"), "--run-dir", str(run)), "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text(config.read_text().replace("channels: 16", "channels: 16\n  colour: red"))
-    assert_user_error(cli("train", str(bad), "--run-dir", str(run)), "model.colour")
-    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=64"), "train.batch_size")
+    assert_user_error(cli_here("train", str(bad), "--run-dir", str(run)), "model.colour")
+    assert_user_error(cli_here("train", str(config), "--run-dir", str(run), "train.batch_size=64"), "train.batch_size")
     assert not run.exists()
 
-    assert cli("train", str(config), "--run-dir", str(run)).returncode == 0
+    assert cli_here("train", str(config), "--run-dir", str(run)).returncode == 0
     before = tree(run)
-    assert_user_error(cli("resume", str(run), "model.channels=32"), "model.channels")
-    assert_user_error(cli("resume", str(run), "train.seed=7"), "train.seed")
-    assert_user_error(cli("train", str(config), "--run-dir", str(run), "train.batch_size=8"), "train.batch_size")
-    assert_user_error(cli("resume", str(tmp_path / "nowhere")), "nowhere")
+    assert_user_error(cli_here("resume", str(run), "model.channels=32"), "model.channels")
+    assert_user_error(cli_here("resume", str(run), "train.seed=7"), "train.seed")
+    assert_user_error(cli_here("train", str(config), "--run-dir", str(run), "train.batch_size=8"), "train.batch_size")
+    assert_user_error(cli_here("resume", str(tmp_path / "nowhere")), "nowhere")
     assert tree(run) == before
 
     # Raising max_steps on a finished run continues it.
-    result = cli("resume", str(run), "train.max_steps=3")
+    result = cli_here("resume", str(run), "train.max_steps=3")
     assert result.returncode == 0, result.stderr
-    assert json.loads(cli("status", str(run), "--json").stdout)["step"] == 3
+    assert json.loads(cli_here("status", str(run), "--json").stdout)["step"] == 3
 
     # Export any complete checkpoint; a missing step is refused.
-    result = cli("export", str(run), str(tmp_path / "exported"), "--step", "2")
+    result = cli_here("export", str(run), str(tmp_path / "exported"), "--step", "2")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "exported" / "model.safetensors").is_file()
-    assert_user_error(cli("export", str(run), str(tmp_path / "nope"), "--step", "99"), "step_99")
+    assert_user_error(cli_here("export", str(run), str(tmp_path / "nope"), "--step", "99"), "step_99")
     assert not (tmp_path / "nope").exists()
 
 
-def test_validation_during_training_is_logged_and_plotted(tmp_path, tone_corpus):
+def test_validation_during_training_is_logged_and_plotted(tmp_path, tone_corpus, cli_here):
     config = tiny_config(tmp_path, tone_corpus, max_steps=4)
     held_out = tone_corpus("held", speakers=2, utterances=2, seconds=1.0, seed=5).parent
     trials = held_out / "trials.txt"
     trials.write_text("1 spk0/utt0.wav spk0/utt1.wav\n0 spk0/utt0.wav spk1/utt0.wav\n"
                       "1 spk1/utt0.wav spk1/utt1.wav\n0 spk1/utt1.wav spk0/utt1.wav\n")
     run = tmp_path / "validated"
-    result = cli("train", str(config), "--run-dir", str(run), f"eval.trials={trials}", "eval.every_steps=2",
+    result = cli_here("train", str(config), "--run-dir", str(run), f"eval.trials={trials}", "eval.every_steps=2",
                  "eval.keep_best=true")
     assert result.returncode == 0, result.stderr
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -174,6 +174,6 @@ def test_validation_during_training_is_logged_and_plotted(tmp_path, tone_corpus)
         assert 0 <= record["eer"] <= 100 and len((run / record["scores"]).read_text().splitlines()) == 4
     assert (run / "export" / "model.safetensors").is_file()
 
-    result = cli("plot", str(run))
+    result = cli_here("plot", str(run))
     assert result.returncode == 0, result.stderr
     assert {"loss_accuracy.png", "validation_eer.png", "det.png"} <= {p.name for p in (run / "plots").iterdir()}
