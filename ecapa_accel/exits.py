@@ -7,6 +7,7 @@ scheduler script can requeue on 143.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -20,6 +21,8 @@ def exit_with_status(command: Callable[[], object]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Preempted as stop:
+        for signum in (signal.SIGTERM, signal.SIGINT):  # a second signal now must not cut the exit short
+            signal.signal(signum, signal.SIG_IGN)
         if os.environ.get("RANK", "0") == "0":  # every rank stops; one line for the job
             print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)

@@ -99,8 +99,6 @@ def _check_run_dir(cfg: Config, run: RunDir, step: int | None = None) -> Path | 
         if recorded.get(csv, digest) != digest:
             raise UserError(f"{csv}: the manifest changed since the run started; an exact resume needs the same "
                             "rows (restore it, or start a new --run-dir)")
-    if checkpoint is None:
-        _say(f"{run.path}: no complete checkpoint yet; starting at step 0")
     return checkpoint
 
 
@@ -276,10 +274,13 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
     cfg = record_init(cfg, init, run.config)  # config.yaml keeps where the weights came from
 
     with ExitStack() as cleanup:
+        stop = cleanup.enter_context(StopRequest())  # entered first: the caller's handlers come back last
         # ---- build
         accelerator = _build_accelerator(cfg, run)
         cleanup.callback(accelerator.end_training)  # trackers closed on every path; runs after the loop's waits
         cleanup.enter_context(run_lock(run.path, accelerator))  # one job per run dir; before any write
+        if resume_from is None and run.is_run():
+            _say(f"{run.path}: no complete checkpoint yet; starting at step 0")
         # The split needs the process count, which only the Accelerator knows (PartialState ignores ACCELERATE_USE_CPU).
         micro_batch, accelerator.gradient_accumulation_steps = batch_split(
             cfg.train.batch_size, accelerator.num_processes, cfg.train.max_device_batch_size
@@ -305,7 +306,6 @@ def train(cfg: Config, run_dir: str | Path, resume_step: int | None = None) -> P
         saver = CheckpointSaver(accelerator, run.path, cfg.train.checkpoint_every_steps,
                                 cfg.train.checkpoint_every_minutes, cfg.train.keep_checkpoints)
         accelerator.init_trackers("train", config={k: str(v) for k, v in flatten(to_dict(cfg)).items()})
-        stop = cleanup.enter_context(StopRequest())
         progress = cleanup.enter_context(tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
                                               disable=not accelerator.is_local_main_process, dynamic_ncols=True))
         if resume_from is not None and accelerator.is_local_main_process:  # tqdm.write ignores `disable`

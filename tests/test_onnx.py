@@ -1,8 +1,6 @@
 """ONNX export: onnxruntime embeds like PyTorch at any batch size and length; `ecapa-accel export --onnx`."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -52,7 +50,7 @@ def test_onnxruntime_matches_pytorch_at_two_lengths(tmp_path, variant):
 
 
 @pytest.mark.slow
-def test_export_command_writes_model_onnx_beside_the_weights(tmp_path, tone_corpus):
+def test_export_command_writes_model_onnx_beside_the_weights(tmp_path, tone_corpus, cli_here):
     corpus = tone_corpus("alpha", speakers=3, utterances=4, seconds=1.0)
     config = {
         "data": {"datasets": [{"name": "alpha", "csv": str(corpus)}], "crop_seconds": 0.5, "num_workers": 0},
@@ -63,12 +61,8 @@ def test_export_command_writes_model_onnx_beside_the_weights(tmp_path, tone_corp
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=300)
-
-    assert cli("train", tmp_path / "config.yaml", "--run-dir", run).returncode == 0
-    result = cli("export", run, tmp_path / "exported", "--onnx")
+    assert cli_here("train", tmp_path / "config.yaml", "--run-dir", run).returncode == 0
+    result = cli_here("export", run, tmp_path / "exported", "--onnx")
     assert result.returncode == 0, result.stderr
     assert "model.onnx" in result.stdout
     folder = tmp_path / "exported"

@@ -10,13 +10,12 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import write_tone_corpus
+from conftest import cli, write_tone_corpus
 from safetensors.torch import load_file
 from test_convert import random_state, speechbrain_layout, wespeaker_layout
 
@@ -215,11 +214,6 @@ def test_a_source_that_does_not_fit_exits_2_naming_the_key_and_writes_nothing(tm
     for word in named:
         assert word in err, err
     assert not run.exists()
-
-
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600)
 
 
 def run_ok(*args) -> subprocess.CompletedProcess:

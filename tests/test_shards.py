@@ -3,7 +3,6 @@ loopback), shuffle quality, damaged shards, bad inputs, exact resume from shards
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -18,13 +17,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+from conftest import cli, run_cli
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from ecapa_accel.cli import main
 from ecapa_accel.config import config_from_dict
 from ecapa_accel.data import build_training_data, pack_manifest
 from ecapa_accel.data.mixing import block_shuffled_rows
@@ -127,13 +126,6 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
         assert x.keys() == y.keys()
         for key in x:
             assert torch.equal(x[key], y[key]), key
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return exit.value.code, out, err
 
 
 def packed(tone_corpus, tmp_path, name="set", block_rows=4, shard_size="40KB", **corpus) -> tuple[Path, Path]:
@@ -388,11 +380,6 @@ def test_bad_shard_inputs_exit_2_naming_them_before_the_run_dir_is_written(tmp_p
                                                              "csv": str(manifest)}]}}))
     code, _, err = run_cli(capsys, "train", str(config), "--run-dir", str(run))
     assert code == 2 and "data.datasets[0].shards' and .csv are both given" in err
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ecapa_accel.cli", *args], capture_output=True, text=True,
-                          timeout=300)
 
 
 def shard_run_config(tmp_path: Path, tone_corpus, shards: str, **train) -> Path:
