@@ -234,3 +234,24 @@ def test_namespaces_and_resumed_label_map(tone_corpus):
     with pytest.raises(UserError, match="no longer match.*1 new.*'alpha/spk2'"):
         build_training_data(make_config(datasets), label_map={k: v for k, v in data.label_map.items()
                                                               if k != "alpha/spk2"})
+
+
+def test_a_crop_decoded_into_a_batch_row_equals_the_crop_read_alone(tmp_path):
+    """The stream decodes each crop straight into its row of the batch; every kind of file gives the same
+    samples as a crop read on its own (mono/stereo, PCM/float, another rate, speed, segment, shorter than it)."""
+    from ecapa_accel.data.audio import read_crop
+
+    rng = np.random.default_rng(4)
+    files = {"mono16k.wav": (16000, 1, 2.0, "PCM_16"), "float.wav": (16000, 1, 2.0, "FLOAT"),
+             "stereo.wav": (16000, 2, 2.0, "PCM_24"), "8k.wav": (8000, 1, 2.0, "PCM_16"),
+             "short.wav": (16000, 1, 0.1, "PCM_16")}
+    for name, (rate, channels, seconds, subtype) in files.items():
+        path = tmp_path / name
+        soundfile.write(path, 0.1 * rng.standard_normal((int(rate * seconds), channels)), rate, subtype=subtype)
+        for speed, start, stop in [(1.0, 0.0, None), (1.1, 0.0, None), (1.0, 0.05, 0.4)]:
+            batch = torch.full((3, 4001), 7.0)
+            alone = read_crop(str(path), 16000, 4001, 0.37, speed, start, stop)
+            row = batch[1]
+            assert read_crop(str(path), 16000, 4001, 0.37, speed, start, stop, out=row) is row
+            assert torch.equal(batch[1], alone), (name, speed, start, stop)
+            assert (batch[[0, 2]] == 7.0).all()  # the other rows are left alone

@@ -12,6 +12,7 @@ import torchaudio.functional as F
 
 DECODE_ERRORS = (soundfile.SoundFileError, RuntimeError, OSError)
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # the sample formats that can hold NaN or infinity (PCM cannot)
+INTEGER_SUBTYPES = ("ULAW", "ALAW")  # with every "PCM_*": integer samples, always finite once decoded
 NON_FINITE = "non-finite samples (NaN or infinity)"
 
 
@@ -50,10 +51,14 @@ def audio_header(path: str) -> tuple[int, int, int]:
     return rate, frames, channels
 
 
-def _mono(frames: np.ndarray) -> torch.Tensor:
-    """Channels averaged; samples that are not finite (float files can hold NaN) make the audio unreadable."""
-    if not np.isfinite(frames).all():
+def _mono(frames: np.ndarray, subtype: str | None = None) -> torch.Tensor:
+    """Channels of (frames,) or (frames, channels) averaged; samples that are not finite (float files can hold
+    NaN) make the audio unreadable (not looked for when `subtype` says the samples are integers)."""
+    integers = subtype is not None and (subtype.startswith("PCM_") or subtype in INTEGER_SUBTYPES)
+    if not integers and not np.isfinite(frames).all():
         raise UnreadableAudio(NON_FINITE)
+    if frames.ndim == 1:
+        return torch.from_numpy(frames)
     return torch.from_numpy(frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0].copy())
 
 
@@ -65,12 +70,15 @@ def read_crop(
     speed: float = 1.0,
     start: float = 0.0,
     stop: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`crop_samples` samples at `sample_rate` from the segment [start, stop) of a file, read partially.
 
     crop_fraction in [0, 1) places the crop within the segment. `speed` > 1 plays faster (3D-Speaker's sox
     `speed`): frames are read as if recorded at rate * speed and resampled to `sample_rate`, which also
     converts a file recorded at another rate in the same pass. Audio shorter than the crop repeats (wraps).
+    With `out` (float32, `crop_samples` long: a row of a batch) the crop is written there and `out` returned;
+    a mono file needing no resampling is decoded straight into it.
     """
     try:
         with soundfile.SoundFile(path) as audio:
@@ -82,17 +90,27 @@ def read_crop(
             needed = math.ceil(crop_samples * source_rate / sample_rate)
             offset = first + int(crop_fraction * (available - needed + 1)) if available > needed else first
             audio.seek(offset)
-            data = audio.read(min(needed, available), dtype="float32", always_2d=True)
+            count = min(needed, available)
+            if out is not None and audio.channels == 1 and source_rate == sample_rate:
+                data = audio.read(count, dtype="float32", out=out.numpy()[:count])
+            else:
+                data = audio.read(count, dtype="float32")  # (frames,) when mono, else (frames, channels)
+            subtype = audio.subtype
     except DECODE_ERRORS as error:
         raise UnreadableAudio(_reason(error)) from None
     if len(data) == 0:
         raise UnreadableAudio("no audio frames in the segment")
-    wave = _mono(data)
+    wave = _mono(data, subtype)
     if source_rate != sample_rate:
         wave = F.resample(wave, source_rate, sample_rate)
     if len(wave) < crop_samples:
         wave = wave.repeat(math.ceil(crop_samples / len(wave)))
-    return wave[:crop_samples]
+    wave = wave[:crop_samples]
+    if out is None:
+        return wave
+    if wave.data_ptr() != out.data_ptr():
+        out.copy_(wave)
+    return out
 
 
 def read_audio(path: str, sample_rate: int, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -37,6 +37,10 @@ class AugmentChoices:
     gain_db: float
 
 
+CLEAN = AugmentChoices(applied=False, rir_row=None, noise_row=None, noise_crop_fraction=0.0, snr_fraction=0.0,
+                      gain_db=0.0)
+
+
 def _category(path: str) -> str:
     """MUSAN keeps music/, speech/ and noise/ folders: use them when the list has no category column."""
     folders = PurePath(path).parts[:-1]
@@ -75,6 +79,10 @@ class Augmenter:
                                     f"data.augment.snr_db.{category}: [low, high] (or a 'noise' entry)")
 
     def draw(self, rng: np.random.Generator) -> AugmentChoices:
+        """The choices for one sample: the last draws from its random stream, so with `prob` 0 (nothing is ever
+        applied) they need not be drawn."""
+        if self.cfg.prob <= 0:
+            return CLEAN
         applied, reverb, add_noise, noise_crop, snr, gain = rng.random(6)
         rir_row = int(rng.integers(len(self.rirs))) if self.rirs is not None else None
         noise_row = int(rng.integers(len(self.noises))) if self.noises is not None else None

@@ -141,13 +141,10 @@ class TrainingData:
     def locate(self, epoch: int, positions: Sequence[int]) -> list[tuple[int, int]]:
         """(dataset index, row in its manifest) drawn at each global position of an epoch."""
         first, last = min(positions), max(positions)
-        rows = self.order(epoch)[first : last + 1]["row"]  # one query: positions of a batch are contiguous
-        located = []
-        for position in positions:
-            row = rows[position - first]
-            dataset = int(np.searchsorted(self._first_rows, row, side="right")) - 1
-            located.append((dataset, row - self._sources[dataset].first_row))
-        return located
+        # One query: positions of a batch are contiguous.
+        rows = np.asarray(self.order(epoch)[first : last + 1]["row"])[np.asarray(positions) - first]
+        dataset_of_rows = np.searchsorted(self._first_rows, rows, side="right") - 1
+        return list(zip(dataset_of_rows.tolist(), (rows - self._first_rows[dataset_of_rows]).tolist()))
 
     def paths_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         """The audio files drawn at positions of an epoch (to name them in messages)."""
@@ -161,9 +158,9 @@ class TrainingData:
     def datasets_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         return [self.dataset_names[dataset] for dataset, _ in self.locate(epoch, positions)]
 
-    def sample(self, epoch: int, position: int, dataset: int, row: int) -> tuple[torch.Tensor, int, bool]:
-        """(crop, class, whether an unreadable file was replaced) for a global position of an epoch, given
-        the (dataset, row) that `locate` names for it."""
+    def sample(self, epoch: int, position: int, dataset: int, row: int, out: torch.Tensor) -> tuple[int, bool]:
+        """The crop at a global position of an epoch, written into `out` (float32, `crop_samples`), given the
+        (dataset, row) that `locate` names for it; returns (class, whether an unreadable file was replaced)."""
         source = self._sources[dataset]
         rng = random_stream(self.seed, SAMPLE, epoch, position)
         speed_choice = int(rng.integers(len(self.speed_factors)))
@@ -178,7 +175,7 @@ class TrainingData:
             start, stop = source.manifest.segment(row)
             try:
                 wave = read_crop(self._audio(dataset, row), self.sample_rate, self.crop_samples, crop_fraction,
-                                 factor, start, stop)
+                                 factor, start, stop, out)
                 break
             except UnreadableAudio as error:
                 # Another row of the same dataset, chosen by (seed, epoch, position, attempt): still deterministic.
@@ -192,8 +189,10 @@ class TrainingData:
         else:
             raise UserError(f"{source.manifest.csv}: {MAX_SUBSTITUTES} unreadable audio files in a row while "
                             f"loading epoch {epoch} position {position}; run `ecapa-accel data check` on it")
-        label = int(source.classes[source.manifest.speaker_index[row], speed_column])
-        return self.augmenter.apply(wave, augment), label, replaced
+        augmented = self.augmenter.apply(wave, augment)
+        if augmented is not out:
+            out.copy_(augmented)
+        return int(source.classes[source.manifest.speaker_index[row], speed_column]), replaced
 
     def batches(self, epoch: int, start: int, micro_batch: int, rank: int, world: int,
                 num_workers: int) -> Iterator[dict]:
@@ -208,7 +207,7 @@ class TrainingData:
             _EpochSamples(self, epoch, stride=micro_batch * world * max(1, num_workers)),
             batch_sampler=_ShardedChunks(start, micro_batch, rank, world, self.samples_per_epoch),
             num_workers=num_workers,
-            collate_fn=_collate,
+            collate_fn=_already_a_batch,
             worker_init_fn=_leave_shutdown_to_the_main_process,
         )
         return self._cancelling_read_ahead(iter(loader))
@@ -233,15 +232,26 @@ class _EpochSamples(Dataset):
     def __len__(self) -> int:
         return self.data.samples_per_epoch
 
-    def __getitem__(self, position: int) -> tuple[torch.Tensor, int, int, bool]:
-        return self.__getitems__([position])[0]
+    def __getitem__(self, position: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([position])
 
-    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int, int, bool]]:
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of `positions` (see `TrainingData.batches`), each crop decoded into its row of "waves"."""
         located = self.data.locate(self.epoch, positions)
         self.data.read_ahead(self.epoch, positions, self.stride)
+        waves = torch.empty(len(positions), self.data.crop_samples)
+        labels, replaced = [], []
         with _one_thread():
-            samples = [self.data.sample(self.epoch, p, dataset, row) for p, (dataset, row) in zip(positions, located)]
-        return [(wave, label, p, replaced) for p, (wave, label, replaced) in zip(positions, samples)]
+            for wave, position, (dataset, row) in zip(waves, positions, located):
+                label, bad = self.data.sample(self.epoch, position, dataset, row, wave)
+                labels.append(label)
+                replaced.append(bad)
+        return {
+            "waves": waves,
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "index": torch.tensor(positions, dtype=torch.int64),
+            "bad": torch.tensor(replaced, dtype=torch.int64),
+        }
 
 
 class _ShardedChunks(Sampler):
@@ -267,14 +277,9 @@ def _leave_shutdown_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _collate(samples: list[tuple[torch.Tensor, int, int, bool]]) -> dict[str, torch.Tensor]:
-    waves, labels, positions, replaced = zip(*samples)
-    return {
-        "waves": torch.stack(waves),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "index": torch.tensor(positions, dtype=torch.int64),
-        "bad": torch.tensor(replaced, dtype=torch.int64),
-    }
+def _already_a_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`_EpochSamples.__getitems__` builds the batch itself (no per-sample tensors to stack)."""
+    return batch
 
 
 @contextmanager
