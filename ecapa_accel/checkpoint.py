@@ -11,7 +11,6 @@ recorded sizes and checksums, so a damaged newest checkpoint is skipped for the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import StorageError, UserError
+from .files import sha256_file
 from .rundir import RunDir, fsync_dir, fsync_tree, storage_errors
 
 STATE_FILE = "trainer_state.json"
@@ -85,16 +85,8 @@ def read_state(checkpoint: Path) -> TrainerState:
     return _state_from_json(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")), checkpoint)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _file_list(folder: Path) -> dict[str, dict]:
-    return {str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return {str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": sha256_file(path)}
             for path in sorted(folder.rglob("*")) if path.is_file() and path.name != STATE_FILE}
 
 
@@ -119,7 +111,7 @@ def damage(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected.get("size"):
             return f"{name} is truncated or changed ({path.stat().st_size} bytes, expected {expected.get('size')})"
-        if _sha256(path) != expected.get("sha256"):
+        if sha256_file(path) != expected.get("sha256"):
             return f"{name} does not match its checksum"
     return None
 

@@ -12,7 +12,6 @@ and config.yaml records where its weights came from (`model.init_from` + `model.
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from .config import Config, FeaturesConfig, load_config
 from .convert import peer_layouts, peer_model, read_state_dict
 from .encoder import WEIGHTS_FILE, EcapaEncoder, export_folder
 from .errors import UserError
+from .files import sha256_file
 from .model import EcapaTdnn, build_model
 from .rundir import RunDir
 
@@ -81,7 +81,7 @@ def resolve_init(cfg: Config) -> InitSource | None:
     _check_front_end(features, sample_rate, cfg, path)
     embedding = {key: value.detach().clone() for key, value in model.state_dict().items()}
     _check_model(model, embedding, cfg, path)
-    sha256 = _sha256(weights_file)
+    sha256 = sha256_file(weights_file)
     if model_cfg.init_from_sha256 is not None and model_cfg.init_from_sha256 != sha256:
         raise UserError(f"model.init_from_sha256: {weights_file} has sha256 {sha256}, the config pins "
                         f"{model_cfg.init_from_sha256} (the source changed since the run started?)")
@@ -197,8 +197,3 @@ def _read_head(path: Path) -> torch.Tensor | None:
             return weights.get_tensor(HEAD_KEY) if HEAD_KEY in weights.keys() else None
     except (OSError, SafetensorError) as error:
         raise UserError(f"{path}: not a readable safetensors file ({error})") from None
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -42,6 +42,7 @@ import soundfile
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import UserError
+from ..files import sha256_file
 from .audio import UnreadableAudio
 from .manifest import Problems, check_manifests, read_manifest
 
@@ -107,14 +108,6 @@ def _plan(sizes: np.ndarray, block_rows: int, shard_bytes: int) -> list[list[tup
     if current:
         shards.append(current)
     return shards
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomically(path: str, write: Callable[[str], None]) -> None:
@@ -220,7 +213,7 @@ def _pack_into(manifest, csv_path: Path, out_dir: Path, kept: np.ndarray, paths:
             _write_atomically(path, lambda temporary: _write_shard(
                 temporary, per_row, paths, blocks, pack_id, manifest.csv, kept))
         shards.append({"file": _shard_name(number), "rows": end - first, "bytes": os.path.getsize(path),
-                       "sha256": _sha256(path)})
+                       "sha256": sha256_file(path)})
     catalogue = per_row.append_column("shard", pa.array(_shard_of_rows(plan), pa.int32()))
     catalogue = catalogue.append_column("group", pa.array(_group_of_rows(plan), pa.int32()))
     catalogue = catalogue.append_column("bytes", pa.array(sizes, pa.int64()))
