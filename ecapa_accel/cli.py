@@ -65,7 +65,7 @@ def resume(
 
 @app.command()
 def status(run_dir: Path = typer.Argument(..., help="Run directory."), as_json: bool = JSON_FLAG) -> None:
-    """Show the step, epoch and complete checkpoints of a run."""
+    """Show the step, epoch, intact (and damaged) checkpoints and the export of a run."""
     from .checkpoint import run_status
 
     info = run_status(run_dir)
@@ -75,6 +75,9 @@ def status(run_dir: Path = typer.Argument(..., help="Run directory."), as_json: 
     state = "finished" if info["finished"] else "not finished"
     typer.echo(f"{info['run_dir']}: step {info['step']}, epoch {info['epoch']}, {state}")
     typer.echo("checkpoints: " + (", ".join(info["checkpoints"]) or "none"))
+    for line in info["damaged"]:
+        typer.echo(line)
+    typer.echo(f"export: {'complete' if info['export'] else 'none'}")
 
 
 @data_app.command("check")
