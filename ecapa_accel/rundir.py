@@ -15,7 +15,6 @@ beside the target under a dot-name, flushed, then renamed over it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import StorageError, UserError
+from .files import sha256_file
 
 _LOW_SPACE = 128 << 20  # bytes; below this a failed write is reported as a full disk
 
@@ -68,10 +68,7 @@ def storage_errors(path: Path, what: str) -> Iterator[None]:
     except OSError as error:
         raise StorageError(f"{path}: cannot write {what}: {error.strerror or error}") from None
     except RuntimeError:
-        try:
-            free = shutil.disk_usage(path if path.exists() else path.parent).free
-        except OSError:
-            raise
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
         if free >= _LOW_SPACE:
             raise
         raise StorageError(f"{path}: cannot write {what}: No space left on device ({free >> 20} MiB free)") from None
@@ -212,7 +209,7 @@ class RunDir:
 
 
 def _file_digests(folder: Path) -> dict[str, str]:
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+    return {path.name: sha256_file(path)
             for path in sorted(folder.iterdir()) if path.is_file() and path.name != EXPORT_STEP}
 
 

@@ -10,7 +10,6 @@ position, which is what makes resume exact (also mid-epoch and with a different 
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -31,6 +30,7 @@ from .data import build_training_data
 from .encoder import EcapaEncoder
 from .errors import Preempted, UserError
 from .features import FeatureExtractor
+from .files import sha256_file
 from .loss import AAMSoftmax, margin_at
 from .model import EcapaTdnn, build_model
 from .optim import build_optimizer, learning_rate
@@ -77,9 +77,9 @@ def _manifest_fingerprints(cfg: Config) -> dict[str, str]:
     """sha256 of each dataset's manifest file: a manifest changed under a run cannot resume exactly."""
     prints = {}
     for dataset in cfg.data.datasets:
-        source = Path(getattr(dataset, "csv", "") or getattr(dataset, "shards", ""))
+        source = Path(dataset.csv or dataset.shards)  # a pack's index file; folders and URLs are not hashed
         if source.is_file():
-            prints[str(source)] = hashlib.sha256(source.read_bytes()).hexdigest()
+            prints[str(source)] = sha256_file(source)
     return prints
 
 

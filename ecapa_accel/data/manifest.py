@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import logging
 import os
 import warnings
@@ -31,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import UserError
+from ..files import sha256_file
 from .headers import MISSING, READABLE, UNREADABLE, cache_file, iter_text, read_headers
 
 logger = logging.getLogger(__name__)
@@ -126,11 +126,7 @@ class Manifest:
 
 
 def _cache_dir(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return os.path.join(datasets.config.HF_DATASETS_CACHE, "ecapa_accel_manifests", digest.hexdigest()[:32])
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "ecapa_accel_manifests", sha256_file(path)[:32])
 
 
 @contextmanager
