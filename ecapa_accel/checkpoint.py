@@ -58,7 +58,7 @@ class TrainerState:
         return end_of_epoch
 
 
-def _state_from_json(values, source: Path) -> TrainerState:
+def _state_from_json(values) -> TrainerState:
     """A TrainerState from parsed JSON, every field type-checked (a damaged file must not half-load)."""
     if not isinstance(values, dict):
         raise ValueError("not a JSON object")
@@ -82,7 +82,7 @@ def _state_from_json(values, source: Path) -> TrainerState:
 
 def read_state(checkpoint: Path) -> TrainerState:
     """The trainer state of a checkpoint (ValueError/OSError when it is damaged)."""
-    return _state_from_json(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")), checkpoint)
+    return _state_from_json(json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8")))
 
 
 def _file_list(folder: Path) -> dict[str, dict]:
@@ -94,7 +94,7 @@ def damage(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint folder (None when it is intact): the file and the problem."""
     try:
         values = json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-        _state_from_json(values, checkpoint)
+        _state_from_json(values)
     except FileNotFoundError:
         return f"{STATE_FILE} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as error:
@@ -145,16 +145,24 @@ def find_checkpoint(run_dir: Path, step: int | None = None, on_damaged=None) -> 
         available = ", ".join(path.name for _, path in folders) or "none"
         raise UserError(f"{RunDir(run_dir).checkpoints}: no checkpoint step_{step} (present: {available})")
     problems = []
-    for _, path in reversed(folders):
+    for _, path in reversed(folders):  # newest first: only what is newer than the newest intact one is hashed
         problem = damage(path)
         if problem is None:
             return path
-        problems.append(f"{path}: damaged checkpoint skipped: {problem}")
+        problems.append(_skipped(path, problem))
         if on_damaged is not None:
             on_damaged(problems[-1])
-    if problems:
-        raise UserError(f"{problems[0]}; no intact checkpoint is left (start a new --run-dir, or repair it)")
+    _refuse_if_none_intact(problems, intact_found=False)
     return None
+
+
+def _skipped(path: Path, problem: str) -> str:
+    return f"{path}: damaged checkpoint skipped: {problem}"
+
+
+def _refuse_if_none_intact(problems: list[str], intact_found: bool) -> None:
+    if problems and not intact_found:
+        raise UserError(f"{problems[0]}; no intact checkpoint is left (start a new --run-dir, or repair it)")
 
 
 def sweep_incomplete(run_dir: Path) -> None:
@@ -258,15 +266,18 @@ def run_status(run_dir: Path) -> dict:
     """`ecapa-accel status`: newest intact checkpoint's step and epoch, intact checkpoints, finished flag."""
     run = RunDir(run_dir)
     run.require_run()
-    damaged = []
-    newest = find_checkpoint(run.path, on_damaged=damaged.append)
+    survey = [(step, path, damage(path)) for step, path in reversed(_step_folders(run))]  # each hashed once
+    intact = [(step, path) for step, path, problem in survey if problem is None]
+    newest_step, newest = intact[0] if intact else (-1, None)
+    # Like resume, report the damaged checkpoints newer than the one it would resume from.
+    damaged = [_skipped(path, problem) for step, path, problem in survey if problem and step > newest_step]
+    _refuse_if_none_intact(damaged, intact_found=newest is not None)
     state = read_state(newest) if newest else TrainerState()
-    intact = [path.name for path in complete_checkpoints(run.path) if damage(path) is None]
     return {
         "run_dir": str(run.path),
         "step": state.step,
         "epoch": state.epoch,
-        "checkpoints": intact,
+        "checkpoints": [path.name for _, path in reversed(intact)],
         "finished": state.finished,
         "damaged": damaged,
         "export": run.export.is_dir(),  # exports are renamed into place whole: present means complete
