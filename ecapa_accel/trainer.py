@@ -110,7 +110,7 @@ def _run_config(run: RunDir, overrides: list[str] | None = None) -> Config:
 
 def _build_accelerator(cfg: Config, run: RunDir) -> Accelerator:
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launcher and launcher != cfg.train.mixed_precision and os.environ.get("LOCAL_RANK", "0") == "0":
+    if launcher and launcher != cfg.train.mixed_precision:
         _say(f"train.mixed_precision={cfg.train.mixed_precision} (config) is used; the launcher's "
              f"mixed precision '{launcher}' is ignored")
     return Accelerator(
