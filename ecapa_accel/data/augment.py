@@ -1,7 +1,7 @@
 """Augmentation with torchaudio.functional only: reverberation (RIR list), additive noise (MUSAN-style list), gain.
 
-Speed perturbation happens while decoding (see `audio.read_crop`). Every choice is drawn from the sample's own
-random stream in a fixed order, so it is a pure function of (seed, epoch, position).
+Speed perturbation happens while decoding (see `audio.read_crop`). Every choice comes from the sample's own
+uniform draws (`mixing.sample_draws`) in a fixed order, so it is a pure function of (seed, epoch, position).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import PurePath
 
-import numpy as np
 import torch
 import torchaudio.functional as F
 
@@ -61,8 +60,15 @@ def _impulse_response(path: str, sample_rate: int) -> torch.Tensor:
     return rir / rir.norm().clamp_min(1e-8)  # unit energy: reverberation keeps the speech level
 
 
+def _pick(uniform: float, count: int) -> int:
+    """One of `count` items chosen by a uniform in [0, 1)."""
+    return min(int(uniform * count), count - 1)
+
+
 class Augmenter:
     """Draws and applies per-sample augmentation from the config and the (validated) noise and RIR lists."""
+
+    DRAWS = 8  # uniforms per sample: applied, reverb, noise, noise crop, SNR, gain, RIR row, noise row
 
     def __init__(self, cfg: AugmentConfig, sample_rate: int, noises: Manifest | None, rirs: Manifest | None):
         self.cfg = cfg
@@ -78,14 +84,13 @@ class Augmenter:
                     raise UserError(f"{noises.csv}: noise category '{category}' has no SNR range: add "
                                     f"data.augment.snr_db.{category}: [low, high] (or a 'noise' entry)")
 
-    def draw(self, rng: np.random.Generator) -> AugmentChoices:
-        """The choices for one sample: the last draws from its random stream, so with `prob` 0 (nothing is ever
-        applied) they need not be drawn."""
+    def draw(self, uniforms: list[float]) -> AugmentChoices:
+        """The choices for one sample from its `DRAWS` uniforms in [0, 1)."""
         if self.cfg.prob <= 0:
             return CLEAN
-        applied, reverb, add_noise, noise_crop, snr, gain = rng.random(6)
-        rir_row = int(rng.integers(len(self.rirs))) if self.rirs is not None else None
-        noise_row = int(rng.integers(len(self.noises))) if self.noises is not None else None
+        applied, reverb, add_noise, noise_crop, snr, gain, rir, noise = uniforms
+        rir_row = _pick(rir, len(self.rirs)) if self.rirs is not None else None
+        noise_row = _pick(noise, len(self.noises)) if self.noises is not None else None
         low, high = self.cfg.gain_db
         return AugmentChoices(
             applied=bool(applied < self.cfg.prob),

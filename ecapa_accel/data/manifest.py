@@ -91,9 +91,13 @@ class Manifest:
     def _paths(self) -> pa.ChunkedArray:
         return self.rows.data.column("path")
 
+    @functools.cached_property
+    def _folder(self) -> str:
+        return str(self.csv.parent)
+
     def audio_path(self, row: int) -> str:
         """The row's audio file, resolved against the CSV's folder."""
-        return os.path.join(self.csv.parent, self._paths[row].as_py())
+        return os.path.join(self._folder, self._paths[row].as_py())
 
     def where(self, row: int) -> str:
         """A row named for messages."""

@@ -16,7 +16,8 @@ once per pass: the blocks come in a seeded order, `window` consecutive blocks of
 of a window come in a seeded order of their own (`block_shuffled_rows`). Every pass is still a permutation of
 all rows, and a run of draws mixes the rows of `window` blocks.
 
-Everything here is a pure function of (train.seed, epoch): the basis of exact resume.
+Everything here is a pure function of (train.seed, epoch): the basis of exact resume. So are a sample's own
+random draws (`sample_draws`: speed, crop offset, augmentation), made a chunk of positions at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 # Purposes of random streams, so that no two of them share a seed.
 ORDER, MIX, SAMPLE, SUBSTITUTE, BLOCK_ORDER = range(5)
+DRAW_CHUNK = 256  # consecutive positions whose per-sample draws come from one generator
 
 
 def random_stream(seed: int, *keys: int) -> np.random.Generator:
@@ -86,10 +88,22 @@ def block_shuffled_rows(block_lengths: np.ndarray, count: int, window: int, seed
     return order[:count]
 
 
+def sample_draws(seed: int, epoch: int, positions: np.ndarray, width: int) -> np.ndarray:
+    """(len(positions), width) uniforms in [0, 1): row i depends on (seed, epoch, positions[i]) only. The
+    positions of a chunk of `DRAW_CHUNK` share one generator (a generator per sample costs more than its use)."""
+    chunks = positions // DRAW_CHUNK
+    draws = np.empty((len(positions), width))
+    for chunk in np.unique(chunks).tolist():
+        mine = chunks == chunk
+        table = random_stream(seed, SAMPLE, epoch, chunk).random((DRAW_CHUNK, width))
+        draws[mine] = table[positions[mine] % DRAW_CHUNK]
+    return draws
+
+
 def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int,
-              blocks: list[np.ndarray | None] | None = None, window: int = 1) -> datasets.Dataset:
-    """The epoch's order: a dataset whose column `row` holds, per position, a row number into the
-    concatenation of all manifests (dataset d's rows start at sum(sizes[:d])). At least `length` long.
+              blocks: list[np.ndarray | None] | None = None, window: int = 1) -> np.ndarray:
+    """The epoch's order: per position, a row number into the concatenation of all manifests (dataset d's
+    rows start at sum(sizes[:d])). At least `length` long.
     blocks[d]: the block lengths of a dataset read in blocks (None: rows shuffled one by one)."""
     blocks = blocks or [None] * len(sizes)
     probabilities = normalised(weights)
@@ -98,16 +112,15 @@ def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, ep
     # Expected draws + 6 sigma per dataset, more if one runs out: the result never depends on these counts.
     counts = [math.ceil(length * p + 6 * math.sqrt(length * p * (1 - p))) + 1 for p in probabilities]
     while True:
-        sources = [
-            datasets.Dataset.from_dict({"row": _shuffled_rows(size, count, offset, seed, epoch, d)
-                                        if blocks[d] is None else
-                                        offset + block_shuffled_rows(blocks[d], count, window, seed, epoch, d)})
-            for d, (size, count, offset) in enumerate(zip(sizes, counts, offsets))
-        ]
+        sources = [_shuffled_rows(size, count, offset, seed, epoch, d) if blocks[d] is None else
+                   offset + block_shuffled_rows(blocks[d], count, window, seed, epoch, d)
+                   for d, (size, count, offset) in enumerate(zip(sizes, counts, offsets))]
+        if len(sources) == 1:  # every draw picks the only dataset: interleaving would return it as it is
+            return sources[0]
         # With the counts above, the first source runs out just past `length` draws.
         mixed = datasets.interleave_datasets(
-            sources, probabilities=probabilities, seed=mix_seed, stopping_strategy="first_exhausted"
-        )
+            [datasets.Dataset.from_dict({"row": rows}) for rows in sources], probabilities=probabilities,
+            seed=mix_seed, stopping_strategy="first_exhausted")
         if len(mixed) >= length:
-            return mixed
+            return mixed.with_format("numpy")["row"][:]
         counts = [2 * count for count in counts]

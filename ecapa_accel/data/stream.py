@@ -1,7 +1,8 @@
 """The training stream: global sample positions -> model-ready crops, sharded over processes and workers.
 
 A sample is a pure function of (train.seed, epoch, position): the epoch's order (`mixing.mix_epoch`) names the
-row, and the sample's own random stream picks the speed, the crop offset and the augmentation. Sharding is
+row, and the sample's own uniform draws (`mixing.sample_draws`) pick the speed, the crop offset and the
+augmentation. Sharding is
 arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a run resumed with another
 process count continues at the next unseen position.
 
@@ -20,23 +21,23 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from ..config import Config
 from ..errors import UserError
 from .audio import UnreadableAudio, read_crop
 from .augment import Augmenter
 from .manifest import Manifest, Problems, read_manifest
-from .mixing import SAMPLE, SUBSTITUTE, build_label_map, epoch_length, mix_epoch, random_stream, speed_class
+from .mixing import SUBSTITUTE, build_label_map, epoch_length, mix_epoch, random_stream, sample_draws, speed_class
 from .shards import DEFAULT_BLOCK_ROWS, BlockCache, ShardDataset
 
 logger = logging.getLogger(__name__)
 
 MAX_SUBSTITUTES = 20  # unreadable files in a row before a sample gives up
 READ_AHEAD_BATCHES = 8  # a process's next batches whose shard blocks it starts reading (within data.shard_memory_mb)
+DRAWS = 2 + Augmenter.DRAWS  # uniforms per sample: speed, crop offset, then the augmenter's
 
 
 @dataclass
@@ -96,11 +97,11 @@ class TrainingData:
         self.samples_per_epoch = epoch_length(self._sizes, self._weights, data.stopping_strategy)
         self._window = data.shuffle_window_blocks
         self._memory_bytes = int(data.shard_memory_mb * 2**20)
-        self._order: tuple[int, datasets.Dataset] | None = None
+        self._order: tuple[int, np.ndarray] | None = None
         self._cache: tuple[int, BlockCache] | None = None  # (process id, its cache): forked workers start empty
 
-    def order(self, epoch: int) -> datasets.Dataset:
-        """The epoch's sample order (column `row`: row in the concatenated manifests); the last one is kept."""
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's sample order (per position, a row in the concatenated manifests); the last one is kept."""
         if self._order is None or self._order[0] != epoch:
             blocks = [source.blocks for source in self._sources]
             self._order = (epoch, mix_epoch(self._sizes, self._weights, self.samples_per_epoch, self.seed, epoch,
@@ -119,8 +120,7 @@ class TrainingData:
             return
         wanted = np.concatenate([np.asarray(positions) + k * stride for k in range(READ_AHEAD_BATCHES + 1)])
         wanted = wanted[wanted < self.samples_per_epoch]
-        first = int(wanted.min())
-        rows = np.asarray(self.order(epoch)[first : int(wanted.max()) + 1]["row"])[wanted - first]
+        rows = self.order(epoch)[wanted]
         datasets_of_rows = np.searchsorted(self._first_rows, rows, side="right") - 1
         blocks = np.full(len(rows), -1)
         for dataset, source in enumerate(self._sources):
@@ -140,9 +140,7 @@ class TrainingData:
 
     def locate(self, epoch: int, positions: Sequence[int]) -> list[tuple[int, int]]:
         """(dataset index, row in its manifest) drawn at each global position of an epoch."""
-        first, last = min(positions), max(positions)
-        # One query: positions of a batch are contiguous.
-        rows = np.asarray(self.order(epoch)[first : last + 1]["row"])[np.asarray(positions) - first]
+        rows = self.order(epoch)[np.asarray(positions)]
         dataset_of_rows = np.searchsorted(self._first_rows, rows, side="right") - 1
         return list(zip(dataset_of_rows.tolist(), (rows - self._first_rows[dataset_of_rows]).tolist()))
 
@@ -158,14 +156,19 @@ class TrainingData:
     def datasets_at(self, epoch: int, positions: Sequence[int]) -> list[str]:
         return [self.dataset_names[dataset] for dataset, _ in self.locate(epoch, positions)]
 
-    def sample(self, epoch: int, position: int, dataset: int, row: int, out: torch.Tensor) -> tuple[int, bool]:
+    def draws(self, epoch: int, positions: Sequence[int]) -> list[list[float]]:
+        """The `DRAWS` uniforms of each position: the sample's own random choices."""
+        return sample_draws(self.seed, epoch, np.asarray(positions), DRAWS).tolist()
+
+    def sample(self, epoch: int, position: int, dataset: int, row: int, draws: list[float],
+               out: torch.Tensor) -> tuple[int, bool]:
         """The crop at a global position of an epoch, written into `out` (float32, `crop_samples`), given the
-        (dataset, row) that `locate` names for it; returns (class, whether an unreadable file was replaced)."""
+        (dataset, row) that `locate` names for it and its `draws`; returns (class, whether an unreadable file was
+        replaced)."""
         source = self._sources[dataset]
-        rng = random_stream(self.seed, SAMPLE, epoch, position)
-        speed_choice = int(rng.integers(len(self.speed_factors)))
-        crop_fraction = float(rng.random())
-        augment = self.augmenter.draw(rng)
+        speed_choice = min(int(draws[0] * len(self.speed_factors)), len(self.speed_factors) - 1)
+        crop_fraction = draws[1]
+        augment = self.augmenter.draw(draws[2:])
         if self.speed_as_classes:
             factor, speed_column = self.speed_factors[speed_choice], speed_choice
         else:
@@ -238,12 +241,13 @@ class _EpochSamples(Dataset):
     def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
         """The batch of `positions` (see `TrainingData.batches`), each crop decoded into its row of "waves"."""
         located = self.data.locate(self.epoch, positions)
+        draws = self.data.draws(self.epoch, positions)
         self.data.read_ahead(self.epoch, positions, self.stride)
-        waves = torch.empty(len(positions), self.data.crop_samples)
+        waves = _batch_memory(len(positions), self.data.crop_samples)
         labels, replaced = [], []
         with _one_thread():
-            for wave, position, (dataset, row) in zip(waves, positions, located):
-                label, bad = self.data.sample(self.epoch, position, dataset, row, wave)
+            for wave, position, (dataset, row), own_draws in zip(waves, positions, located, draws):
+                label, bad = self.data.sample(self.epoch, position, dataset, row, own_draws, wave)
                 labels.append(label)
                 replaced.append(bad)
         return {
@@ -268,6 +272,16 @@ class _ShardedChunks(Sampler):
         for i in range(len(self)):
             first = self.start + i * self.chunk + self.rank * self.micro_batch
             yield list(range(first, first + self.micro_batch))
+
+
+def _batch_memory(rows: int, crop_samples: int) -> torch.Tensor:
+    """An uninitialised (rows, crop_samples) float32 batch. In a DataLoader worker it is allocated in shared
+    memory, where the batch goes anyway (no copy when it is sent); in the main process numpy allocates it:
+    torch's allocator hands back freshly mapped pages for a batch of megabytes, and faulting them in costs as
+    much as decoding a tenth of the batch."""
+    if get_worker_info() is not None:
+        return torch.empty(rows, crop_samples).share_memory_()
+    return torch.from_numpy(np.empty((rows, crop_samples), dtype=np.float32))
 
 
 def _leave_shutdown_to_the_main_process(worker_id: int) -> None:
