@@ -255,3 +255,22 @@ def test_a_crop_decoded_into_a_batch_row_equals_the_crop_read_alone(tmp_path):
             assert read_crop(str(path), 16000, 4001, 0.37, speed, start, stop, out=row) is row
             assert torch.equal(batch[1], alone), (name, speed, start, stop)
             assert (batch[[0, 2]] == 7.0).all()  # the other rows are left alone
+
+
+@pytest.mark.parametrize("container", ["WAV", "FLAC"])
+def test_16_bit_pcm_crops_hold_libsndfiles_own_float_values(tmp_path, container):
+    """16-bit PCM is read as int16 and scaled in numpy (faster than libsndfile's float conversion): the crop is
+    bit for bit what soundfile's float32 read of the same frames gives, full-scale samples included."""
+    from ecapa_accel.data.audio import read_crop
+
+    samples = np.random.default_rng(5).integers(-32768, 32768, size=(20000, 1), dtype=np.int16)
+    samples[:4, 0] = [-32768, 32767, 0, -1]
+    path = tmp_path / f"pcm16.{container.lower()}"
+    soundfile.write(path, samples, 16000, subtype="PCM_16", format=container)
+    reference, _ = soundfile.read(path, dtype="float32")
+    for fraction in (0.0, 0.5):
+        crop = read_crop(str(path), 16000, 8000, fraction)
+        offset = int(fraction * (20000 - 8000 + 1))
+        assert crop.dtype == torch.float32
+        assert torch.equal(crop, torch.from_numpy(reference[offset : offset + 8000]))
+    assert torch.equal(read_crop(str(path), 16000, 8000, 0.0)[:4], torch.tensor([-1.0, 32767 / 32768, 0.0, -1 / 32768]))

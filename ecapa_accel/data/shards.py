@@ -56,7 +56,7 @@ METADATA_KEY = b"ecapa_accel.pack"
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_SHARD_SIZE = "512MB"
 FOOTER_THREADS = 16  # shard footers read at once at start-up (remote latency)
-READ_AHEAD_THREADS = 4  # blocks read at once ahead of need, per data-loading process
+READ_AHEAD_THREADS = 16  # blocks read at once ahead of need, per data-loading process (remote: requests in flight)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -538,13 +538,13 @@ class ShardDataset:
         if footer is None:
             raise UnreadableAudio(f"shard {self._paths[shard]} is damaged")
         try:
-            if isinstance(self.fs, LocalFileSystem):  # memory-mapped: the page cache's bytes, no copy
-                source = self._paths[shard]
-            else:
-                source = _RangeFile(self.fs, self._paths[shard], int(self.shards[shard]["bytes"]))
-            shard_file = pq.ParquetFile(source, metadata=_parse_footer(footer), memory_map=True)
-            table = shard_file.read_row_group(int(self.block_group[block]), columns=["audio"])
-            audio = table.column("audio").combine_chunks()
+            # Local files are read, not memory-mapped: a fresh mapping faults in every page, a read copies once.
+            source = self._paths[shard] if isinstance(self.fs, LocalFileSystem) else \
+                _RangeFile(self.fs, self._paths[shard], int(self.shards[shard]["bytes"]))
+            shard_file = pq.ParquetFile(source, metadata=_parse_footer(footer))
+            column = shard_file.read_row_group(int(self.block_group[block]), columns=["audio"],
+                                               use_threads=False).column("audio")
+            audio = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies
         except Exception as error:  # truncated or corrupt pages, a vanished file, a network error
             raise UnreadableAudio(f"shard {self._paths[shard]} row group {self.block_group[block]}: "
                                   f"{_reason(error)}") from None
@@ -627,9 +627,9 @@ class BlockCache:
             self._start(key, dataset)
 
     def audio(self, dataset_index: int, dataset: ShardDataset, row: int) -> io.BytesIO:
-        """The audio file of a row, as it was packed, as an in-memory file (soundfile opens it faster than a
-        path, and decodes it faster than from a `pa.BufferReader` over the block); `UnreadableAudio` when its
-        block cannot be read."""
+        """The audio file of a row, as it was packed, as an in-memory file (soundfile decodes from a BytesIO
+        faster than from a `pa.BufferReader`, whose reads cost more per call); `UnreadableAudio` when its block
+        cannot be read."""
         block = dataset.block_of(row)
         key = (dataset_index, block)
         if key not in self.blocks:
