@@ -5,8 +5,8 @@
    partial soundfile reads of the same crops (open, seek, read 3 s). Target: shards >= per-file CSV.
 2. Remote: the same shards behind an HTTP server on loopback that adds 20 ms to every request, against the same
    shards on local disk (target >= 0.8x with read-ahead) and against the same server without the delay (what
-   read-ahead can hide: the HTTP client's own CPU per byte stays on the measured core); and, for scale, a per-file loop over the same server
-   (one GET per sample, sequential), which is what a CSV of URLs would cost.
+   read-ahead can hide: the HTTP client's own CPU per byte stays on the measured core); and, for scale, a
+   per-file loop over the same server (one GET per sample, sequential), which is what a CSV of URLs would cost.
 3. Scale on paper: a pack index of 1,000,000 utterances / 10,000 speakers in 1,000 shards (tiny audio): start-up
    time of the training stream (index, catalogue, 1,000 footers, label map, one epoch's order) and peak RSS
    growth over a process that has already imported torch, torchaudio, accelerate and datasets (target <= 300 MB),

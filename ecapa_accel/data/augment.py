@@ -18,6 +18,7 @@ from ..config import AugmentConfig
 from ..errors import UserError
 from .audio import UnreadableAudio, read_audio, read_crop
 from .manifest import Manifest
+from .mixing import pick
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +61,6 @@ def _impulse_response(path: str, sample_rate: int) -> torch.Tensor:
     return rir / rir.norm().clamp_min(1e-8)  # unit energy: reverberation keeps the speech level
 
 
-def _pick(uniform: float, count: int) -> int:
-    """One of `count` items chosen by a uniform in [0, 1)."""
-    return min(int(uniform * count), count - 1)
-
-
 class Augmenter:
     """Draws and applies per-sample augmentation from the config and the (validated) noise and RIR lists."""
 
@@ -89,8 +85,8 @@ class Augmenter:
         if self.cfg.prob <= 0:
             return CLEAN
         applied, reverb, add_noise, noise_crop, snr, gain, rir, noise = uniforms
-        rir_row = _pick(rir, len(self.rirs)) if self.rirs is not None else None
-        noise_row = _pick(noise, len(self.noises)) if self.noises is not None else None
+        rir_row = pick(rir, len(self.rirs)) if self.rirs is not None else None
+        noise_row = pick(noise, len(self.noises)) if self.noises is not None else None
         low, high = self.cfg.gain_db
         return AugmentChoices(
             applied=bool(applied < self.cfg.prob),

@@ -100,6 +100,11 @@ def sample_draws(seed: int, epoch: int, positions: np.ndarray, width: int) -> np
     return draws
 
 
+def pick(uniform: float, count: int) -> int:
+    """One of `count` items chosen by one of `sample_draws`' uniforms."""
+    return min(int(uniform * count), count - 1)
+
+
 def mix_epoch(sizes: list[int], weights: list[float], length: int, seed: int, epoch: int,
               blocks: list[np.ndarray | None] | None = None, window: int = 1) -> np.ndarray:
     """The epoch's order: per position, a row number into the concatenation of all manifests (dataset d's

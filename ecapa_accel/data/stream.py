@@ -2,9 +2,8 @@
 
 A sample is a pure function of (train.seed, epoch, position): the epoch's order (`mixing.mix_epoch`) names the
 row, and the sample's own uniform draws (`mixing.sample_draws`) pick the speed, the crop offset and the
-augmentation. Sharding is
-arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a run resumed with another
-process count continues at the next unseen position.
+augmentation. Sharding is arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a
+run resumed with another process count continues at the next unseen position.
 
 Packed shards (`ecapa_accel.data.shards`) are read a block at a time: each data-loading process keeps the blocks
 its batches need in a bounded cache and reads the blocks of its next batches ahead on a few threads.
@@ -30,7 +29,8 @@ from ..errors import UserError
 from .audio import UnreadableAudio, read_crop
 from .augment import Augmenter
 from .manifest import Manifest, Problems, read_manifest
-from .mixing import SUBSTITUTE, build_label_map, epoch_length, mix_epoch, random_stream, sample_draws, speed_class
+from .mixing import (SUBSTITUTE, build_label_map, epoch_length, mix_epoch, pick, random_stream, sample_draws,
+                     speed_class)
 from .shards import DEFAULT_BLOCK_ROWS, BlockCache, ShardDataset
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class TrainingData:
         (dataset, row) that `locate` names for it and its `draws`; returns (class, whether an unreadable file was
         replaced)."""
         source = self._sources[dataset]
-        speed_choice = min(int(draws[0] * len(self.speed_factors)), len(self.speed_factors) - 1)
+        speed_choice = pick(draws[0], len(self.speed_factors))
         crop_fraction = draws[1]
         augment = self.augmenter.draw(draws[2:])
         if self.speed_as_classes:
