@@ -8,7 +8,7 @@
    read-ahead can hide: the HTTP client's own CPU per byte stays on the measured core); and, for scale, a
    per-file loop over the same server (one GET per sample, sequential), which is what a CSV of URLs would cost.
 3. Scale on paper: a pack index of 1,000,000 utterances / 10,000 speakers in 1,000 shards (tiny audio): start-up
-   time of the training stream (index, catalogue, 1,000 footers, label map, one epoch's order) and peak RSS
+   time of the training stream (index, catalogue, 1,000 shard checks, label map, one epoch's order) and peak RSS
    growth over a process that has already imported torch, torchaudio, accelerate and datasets (target <= 300 MB),
    from local disk and through the 20 ms server.
 
@@ -38,7 +38,7 @@ from _corpus import write_manifest, write_noise_wavs
 from _report import emit
 from ecapa_accel.config import config_from_dict
 from ecapa_accel.data import build_training_data, pack_manifest
-from ecapa_accel.data.shards import CATALOGUE_SCHEMA, FORMAT, METADATA_KEY, SHARD_SCHEMA, VERSION
+from ecapa_accel.data.shards import CATALOGUE_SCHEMA, FORMAT, METADATA_KEY, SHARD_SCHEMA, VERSION, _locate_audio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,8 @@ def throughput(root: Path, files: int, samples: int, repeats: int) -> dict:
 
 
 def write_scale_pack(folder: Path, rows: int, speakers: int, shards: int) -> None:
-    """A pack index of `rows` utterances in `shards` real Parquet shards whose audio is one tiny wav each."""
+    """A pack index of `rows` utterances in `shards` real shards whose audio is one tiny wav each (IDs of one
+    width, so every shard has the same layout: the audio offsets of the first serve for all)."""
     folder.mkdir(parents=True)
     tiny = Path(folder / "tiny.wav")
     soundfile.write(tiny, np.zeros(160, dtype=np.float32), RATE, subtype="PCM_16")
@@ -196,20 +197,28 @@ def write_scale_pack(folder: Path, rows: int, speakers: int, shards: int) -> Non
                         pa.array(np.arange(1, rows + 1, dtype=np.int64))],
                        names=[field.name for field in CATALOGUE_SCHEMA][:9])
     schema = SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps({"version": VERSION, "pack_id": pack_id})})
-    listed = []
+    listed, located_by_size, offsets, in_place = [], {}, [], []
     for n in range(shards):
         part = per_row.slice(n * per_shard, per_shard)
         part = part.append_column("audio", pa.array([audio] * per_shard, pa.large_binary())).cast(schema)
-        name = f"shard-{n:05d}.parquet"
-        pq.write_table(part.replace_schema_metadata(schema.metadata), folder / name, row_group_size=64,
-                       use_dictionary=["spk"], write_statistics=schema.names[:-1],
-                       compression={column: "zstd" for column in schema.names[:-1]} | {"audio": "none"})
+        name = f"shard-{n:05d}.arrow"
+        with pa.ipc.new_stream(str(folder / name), schema) as writer:
+            writer.write_table(part.replace_schema_metadata(schema.metadata), max_chunksize=64)
         listed.append({"file": name, "rows": per_shard, "bytes": (folder / name).stat().st_size, "sha256": ""})
+        size = listed[-1]["bytes"]  # shards of one size share a layout (checked at the first and last row)
+        located = located_by_size.setdefault(size, _locate_audio(str(folder / name), pack_id)
+                                             if size not in located_by_size else None)
+        with open(folder / name, "rb") as handle:
+            assert all(os.pread(handle.fileno(), len(audio), int(located[1][k])) == audio for k in (0, -1))
+        offsets.append(located[1])
+        in_place.append(located[2])
     shard_of_row = np.repeat(np.arange(shards, dtype=np.int32), per_shard)
-    group = (np.arange(rows) % per_shard // 64).astype(np.int32)
-    catalogue = per_row.append_column("shard", pa.array(shard_of_row)).append_column(
-        "group", pa.array(group)).append_column("bytes", pa.array(np.full(rows, len(audio), dtype=np.int64)))
-    pq.write_table(catalogue.cast(CATALOGUE_SCHEMA), folder / "rows.parquet")
+    batch = (np.arange(rows) % per_shard // 64).astype(np.int32)
+    catalogue = per_row
+    for name, values in [("shard", shard_of_row), ("batch", batch), ("bytes", np.full(rows, len(audio))),
+                         ("offset", np.concatenate(offsets)), ("in_place", np.concatenate(in_place))]:
+        catalogue = catalogue.append_column(name, pa.array(values, CATALOGUE_SCHEMA.field(name).type))
+    pq.write_table(catalogue, folder / "rows.parquet")
     (folder / "index.json").write_text(json.dumps({
         "format": FORMAT, "version": VERSION, "pack_id": pack_id, "rows": rows, "block_rows": 64,
         "catalogue": "rows.parquet", "left_out": 0, "shards": listed}))

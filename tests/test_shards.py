@@ -3,6 +3,7 @@ loopback), shuffle quality, damaged shards, bad inputs, exact resume from shards
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import re
@@ -16,10 +17,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import datasets
 import numpy as np
 from conftest import cli, run_cli
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import soundfile
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -136,7 +140,7 @@ def packed(tone_corpus, tmp_path, name="set", block_rows=4, shard_size="40KB", *
     return manifest, out
 
 
-def test_pack_writes_parquet_shards_an_index_and_leaves_undecodable_files_out(tmp_path, tone_corpus, capsys):
+def test_pack_writes_arrow_shards_an_index_and_leaves_undecodable_files_out(tmp_path, tone_corpus, capsys):
     manifest = tone_corpus("set", speakers=3, utterances=5, seconds=0.6)
     broken = manifest.parent / "spk1" / "utt2.wav"  # CSV row 8
     broken.write_bytes(b"RIFF\x00\x00not really audio" * 10)
@@ -148,16 +152,21 @@ def test_pack_writes_parquet_shards_an_index_and_leaves_undecodable_files_out(tm
     assert re.search(r"packed: 14 rows in \d+ shards .*, 1 undecodable files left out$", lines[-1])
 
     index = json.loads((out / "index.json").read_text())
-    assert index["version"] == 1 and index["rows"] == 14 and index["block_rows"] == 4
+    assert index["version"] == 2 and index["rows"] == 14 and index["block_rows"] == 4
     assert sum(shard["rows"] for shard in index["shards"]) == 14 and len(index["shards"]) > 1
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == sorted(
         ["index.json", "rows.parquet", *(shard["file"] for shard in index["shards"])])
-    first = pq.ParquetFile(out / index["shards"][0]["file"])
-    assert first.metadata.num_row_groups * 4 == index["shards"][0]["rows"]  # whole blocks in every shard but last
-    table = first.read_row_group(0)
-    assert table.column("ID").to_pylist() == ["set-spk0-0", "set-spk0-1", "set-spk0-2", "set-spk0-3"]
-    assert table.column("audio")[1].as_py() == (manifest.parent / "spk0" / "utt1.wav").read_bytes()  # as is
-    assert table.column("sample_rate").to_pylist() == [16000] * 4
+    first = out / index["shards"][0]["file"]
+    batches = list(pa.ipc.open_stream(first.read_bytes()))
+    assert len(batches) * 4 == index["shards"][0]["rows"] and {len(b) for b in batches} == {4}  # whole blocks
+    # A shard is an Arrow stream as Hugging Face datasets writes them: `Dataset.from_file` opens it.
+    table = datasets.Dataset.from_file(str(first))
+    assert table["ID"][:4] == ["set-spk0-0", "set-spk0-1", "set-spk0-2", "set-spk0-3"]
+    utt1 = (manifest.parent / "spk0" / "utt1.wav").read_bytes()
+    assert table[1]["audio"] == utt1 and table["sample_rate"][:4] == [16000] * 4  # the bytes as they were
+    catalogue = pq.read_table(out / "rows.parquet")  # where each file lies in its shard
+    offset, size = catalogue.column("offset")[1].as_py(), catalogue.column("bytes")[1].as_py()
+    assert first.read_bytes()[offset : offset + size] == utt1 and all(catalogue.column("in_place").to_pylist())
 
     # `data inspect` draws real batches from it.
     config = tmp_path / "inspect.yaml"
@@ -169,7 +178,7 @@ def test_pack_writes_parquet_shards_an_index_and_leaves_undecodable_files_out(tm
 
     # `data check` takes the pack (folder, index file or a glob of its shards) beside CSVs.
     code, stdout, _ = run_cli(capsys, "data", "check", str(out), str(out / "index.json"),
-                              str(out / "shard-0000[0].parquet"))
+                              str(out / "shard-0000[0].arrow"))
     assert code == 0
     whole, by_index, glob = stdout.strip().splitlines()
     assert f"{out}: 14 rows in {len(index['shards'])} shards" in whole and "3 speakers" in whole
@@ -205,11 +214,11 @@ def test_a_killed_pack_leaves_no_complete_looking_shard_and_a_rerun_resumes_it(t
         pack_manifest(manifest, out, "40KB", 4)
     monkeypatch.undo()
     assert not (out / "index.json").exists()
-    complete = sorted(p.name for p in out.glob("shard-*.parquet"))
+    complete = sorted(p.name for p in out.glob("shard-*.arrow"))
     assert complete == [shard["file"] for shard in expected["shards"][: len(complete)]] and len(complete) >= 1
     for name in complete:
-        assert pq.read_metadata(out / name).num_rows == expected["shards"][complete.index(name)]["rows"]
-    (out / ".shard-00009.parquet.tmp").write_bytes(b"PAR1 half a shard")  # what SIGKILL leaves behind
+        assert (out / name).read_bytes() == (fresh / name).read_bytes()
+    (out / ".shard-00009.arrow.tmp").write_bytes(b"\xff\xff\xff\xff half a shard")  # what SIGKILL leaves
     with pytest.raises(UserError, match=r"killed.*no index.json"):
         build_training_data(make_config([{"name": "set", "shards": str(out)}]))
 
@@ -252,6 +261,63 @@ def test_the_same_sample_at_each_position_from_the_csv_or_its_shards(tmp_path, t
     assert sorted(set(b.datasets_at(0, range(b.samples_per_epoch)))) == ["other", "set"]
 
 
+def rewrite_in_formats(manifest: Path) -> dict[str, str]:
+    """The corpus's files rewritten in the formats a pack decodes in place or not: FLAC, Ogg Vorbis (libsndfile
+    refuses to decode it embedded in another file), 24-bit stereo at 8 kHz, float, a WAV with a chunk after
+    its data, and one whose sizes are unset (alone, libsndfile reads to the end of the file; inside a shard it
+    would read on into the next file). Returns {CSV path: kind}."""
+    rows = list(csv.DictReader(open(manifest)))
+    kinds = ["flac", "ogg", "stereo8k", "float", "chunk_after_data", "sizes_unset"]
+    for number, row in enumerate(rows):
+        kind = kinds[number % len(kinds)]
+        path = manifest.parent / row["path"]
+        wave, rate = soundfile.read(path, dtype="float32")
+        path.unlink()
+        row["path"] = str(Path(row["path"]).with_suffix({"flac": ".flac", "ogg": ".ogg"}.get(kind, ".wav")))
+        path = manifest.parent / row["path"]
+        if kind in ("flac", "ogg"):
+            soundfile.write(path, wave, rate, format=kind.upper(), subtype="PCM_16" if kind == "flac" else "VORBIS")
+        elif kind == "stereo8k":
+            soundfile.write(path, np.stack([wave[::2], -wave[::2]], axis=1), rate // 2, subtype="PCM_24")
+        elif kind == "float":
+            soundfile.write(path, wave, rate, subtype="FLOAT")
+        else:
+            soundfile.write(path, wave, rate, subtype="PCM_16")
+            data = bytearray(path.read_bytes())
+            if kind == "chunk_after_data":
+                data += b"LIST" + (12).to_bytes(4, "little") + b"INFOISFT\x00\x00\x00\x00"
+                data[4:8] = (len(data) - 8).to_bytes(4, "little")
+            else:  # sizes unset, as a writer to a pipe leaves them: alone, the data runs to the end of the file
+                at = data.index(b"data") + 4
+                data[4:8] = data[at : at + 4] = b"\xff\xff\xff\xff"
+            path.write_bytes(bytes(data))
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return {row["path"]: kinds[number % len(kinds)] for number, row in enumerate(rows)}
+
+
+def test_every_audio_format_gives_the_same_samples_decoded_in_place_or_from_bytes(tmp_path, tone_corpus):
+    manifest = tone_corpus("set", speakers=3, utterances=6, seconds=0.6)
+    kinds = rewrite_in_formats(manifest)
+    out = tmp_path / "packed"
+    pack_manifest(manifest, out, "60KB", 3)
+    catalogue = pq.read_table(out / "rows.parquet").to_pylist()
+    paths = [row["path"] for row in csv.DictReader(open(manifest))]
+    in_place = {(kinds[paths[row["csv_row"] - 1]], row["in_place"]) for row in catalogue}
+    assert in_place == {("flac", False), ("ogg", False), ("stereo8k", True), ("float", True),
+                        ("chunk_after_data", True), ("sizes_unset", False)}
+    csv_data = build_training_data(make_config([{"name": "set", "csv": str(manifest), "shuffle": "blocks",
+                                                 "block_rows": 3}], **AUGMENTED))
+    shard_data = build_training_data(make_config([{"name": "set", "shards": str(out)}], **AUGMENTED))
+    for epoch in (0, 1):
+        expected = draw(csv_data, epoch, micro_batch=6)
+        assert not any(batch["bad"].any() for batch in expected)
+        assert_same(draw(shard_data, epoch, micro_batch=6), expected)
+        assert_same(draw(shard_data, epoch, micro_batch=6, workers=2), expected)
+
+
 def test_block_shuffle_draws_from_many_shards_and_repeats_no_row_before_exhaustion(capsys):
     """1,000 shards of one speaker (10 rows each, one block per shard): the order function alone."""
     blocks = np.full(1000, 10)
@@ -279,7 +345,7 @@ def test_reading_over_http_is_block_wise_with_the_same_samples(tmp_path, tone_co
     shard_files = {f"/{out.name}/{shard['file']}" for shard in index["shards"]}
     start_up = list(http_server.requests)
     assert [path for _, path, _ in start_up[:2]] == [f"/{out.name}/index.json", f"/{out.name}/rows.parquet"]
-    assert sorted(path for _, path, _ in start_up[2:]) == sorted(shard_files)  # one footer read per shard
+    assert sorted(path for _, path, _ in start_up[2:]) == sorted(2 * list(shard_files))  # each one's start, end
     http_server.requests.clear()
 
     expected = draw(local, micro_batch=4)
@@ -311,18 +377,18 @@ def test_a_damaged_shard_met_in_training_is_skipped_counted_and_named(tmp_path, 
     manifest, out = packed(tone_corpus, tmp_path)
     index = json.loads((out / "index.json").read_text())
     victim = out / index["shards"][1]["file"]
-    audio = pq.read_metadata(victim).row_group(0).column(pq.read_schema(victim).names.index("audio"))
+    catalogue = pq.read_table(out / "rows.parquet").to_pylist()
+    damaged = [row for row in catalogue if row["shard"] == 1][:2]  # two files' headers overwritten
     data = bytearray(victim.read_bytes())
-    data[audio.data_page_offset : audio.data_page_offset + 64] = b"\xff" * 64  # a page header; footer intact
+    for row in damaged:
+        data[row["offset"] : row["offset"] + 64] = b"\xff" * 64
     victim.write_bytes(bytes(data))
     stream = build_training_data(make_config([{"name": "set", "shards": str(out)}]))
     caplog.set_level(logging.WARNING, logger="ecapa_accel.data")
     batches = draw(stream)
     bad = torch.cat([b["bad"] for b in batches])
-    pack = stream._sources[0].manifest
-    in_victim = [pack.block_shard[pack.block_of(row)] == 1 and pack.block_group[pack.block_of(row)] == 0
-                 for _, row in stream.locate(0, range(15))]
-    assert bad.sum() >= 1 and bad.tolist() == [int(v) for v in in_victim]
+    damaged_rows = {catalogue.index(row) for row in damaged}
+    assert bad.sum() >= 1 and bad.tolist() == [int(row in damaged_rows) for _, row in stream.locate(0, range(15))]
     assert any(victim.name in record.getMessage() and "unreadable audio" in record.getMessage()
                for record in caplog.records)
     assert all(torch.isfinite(b["waves"]).all() and b["waves"].abs().amax(1).gt(0).all() for b in batches)
@@ -354,27 +420,28 @@ def test_bad_shard_inputs_exit_2_naming_them_before_the_run_dir_is_written(tmp_p
     refused(str(tmp_path / "nowhere"), "nowhere: no such folder")
     refused(str(manifest.parent), f"no index.json at {manifest.parent}/index.json")
     refused(f"{http_server.url}/missing", f"{http_server.url}/missing: no index.json")
-    refused(str(out / "shard-9*.parquet"), "no shard of")
+    refused(str(out / "shard-9*.arrow"), "no shard of")
     refused(str(out), "shuffle' must be blocks", shuffle="rows")
     refused(str(out), "packed in blocks of 4 rows", block_rows=8)
 
     broken = shutil.copytree(out, tmp_path / "broken")
-    (broken / "shard-00001.parquet").unlink()
-    refused(str(broken), "lists shard-00001.parquet, which is missing")
-    refused(f"{http_server.url}/broken", "lists shard-00001.parquet, which is missing")
+    (broken / "shard-00001.arrow").unlink()
+    refused(str(broken), "lists shard-00001.arrow, which is missing")
+    refused(f"{http_server.url}/broken", "lists shard-00001.arrow, which is missing")
 
     older = shutil.copytree(out, tmp_path / "older")
-    table = pq.read_table(older / "shard-00000.parquet")
+    table = pa.ipc.open_stream((older / "shard-00000.arrow").read_bytes()).read_all()
     metadata = json.loads(table.schema.metadata[b"ecapa_accel.pack"])
-    pq.write_table(table.replace_schema_metadata({b"ecapa_accel.pack": json.dumps({**metadata, "version": 0})}),
-                   older / "shard-00000.parquet", row_group_size=4)
+    schema = table.schema.with_metadata({b"ecapa_accel.pack": json.dumps({**metadata, "version": 0})})
+    with pa.ipc.new_stream(str(older / "shard-00000.arrow"), schema) as writer:
+        writer.write_table(table.replace_schema_metadata(schema.metadata))
     index = json.loads((older / "index.json").read_text())
-    index["shards"][0]["bytes"] = (older / "shard-00000.parquet").stat().st_size
+    index["shards"][0]["bytes"] = (older / "shard-00000.arrow").stat().st_size
     (older / "index.json").write_text(json.dumps(index))
-    refused(str(older), "shard-00000.parquet: shard of pack format version 0")
-    index["version"] = 2
+    refused(str(older), "shard-00000.arrow: shard of pack format version 0")
+    index["version"] = 1  # a pack of the Parquet shards of the first release
     (older / "index.json").write_text(json.dumps(index))
-    refused(str(older / "index.json"), "pack format version 2")
+    refused(str(older / "index.json"), "pack format version 1, this ecapa-accel reads version 2")
 
     config.write_text(yaml.safe_dump({"data": {"datasets": [{"name": "set", "shards": str(out),
                                                              "csv": str(manifest)}]}}))
@@ -409,9 +476,8 @@ def test_training_from_shards_over_http_through_the_cli(tmp_path, tone_corpus, h
     assert result.returncode == 0, result.stderr
     status = json.loads(cli("status", str(tmp_path / "run"), "--json").stdout)
     assert status["finished"] and status["step"] == 4
-    shard_reads = [path for method, path, rng in http_server.requests if path.endswith(".parquet") and
-                   "shard-" in path]
-    assert shard_reads and all("rows.parquet" not in path for path in shard_reads)
+    shard_reads = [rng for method, path, rng in http_server.requests if path.endswith(".arrow")]
+    assert shard_reads and all(rng.startswith("bytes=") for rng in shard_reads)
 
 
 @pytest.mark.slow

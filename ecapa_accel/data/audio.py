@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -79,7 +80,7 @@ def _read_float32(audio: soundfile.SoundFile, subtype: str, count: int, out: np.
 
 
 def read_crop(
-    path: str,
+    source: str | int | BinaryIO,
     sample_rate: int,
     crop_samples: int,
     crop_fraction: float,
@@ -90,6 +91,9 @@ def read_crop(
 ) -> torch.Tensor:
     """`crop_samples` samples at `sample_rate` from the segment [start, stop) of a file, read partially.
 
+    `source` is a path, a file object, or a file descriptor positioned where an audio file starts (a packed
+    shard's; left open).
+
     crop_fraction in [0, 1) places the crop within the segment. `speed` > 1 plays faster (3D-Speaker's sox
     `speed`): frames are read as if recorded at rate * speed and resampled to `sample_rate`, which also
     converts a file recorded at another rate in the same pass. Audio shorter than the crop repeats (wraps).
@@ -97,7 +101,7 @@ def read_crop(
     a mono file needing no resampling is decoded straight into it.
     """
     try:
-        with soundfile.SoundFile(path) as audio:
+        with soundfile.SoundFile(source, closefd=False) as audio:
             rate, frames = audio.samplerate, audio.frames
             first = min(frames, round(start * rate))
             last = frames if stop is None else min(frames, round(stop * rate))

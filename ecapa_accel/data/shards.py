@@ -1,12 +1,19 @@
-"""Packed audio shards: a manifest's audio bytes in Parquet files, read a block (row group) at a time.
+"""Packed audio shards: a manifest's audio bytes in Arrow stream files, each audio file at a known byte offset.
 
 Layout of a pack (one folder, local or behind any fsspec URL):
 
-    index.json           format, version, pack id, block size, and per shard: file name, rows, bytes, sha256
-    rows.parquet         the catalogue: one row per packed utterance (ID, speaker, segment, rate, frames, shard,
-                         row group, audio bytes, CSV row) and no audio; read whole at training start
-    shard-00000.parquet  the audio bytes as they were on disk (no re-encoding) plus the same per-row columns,
-    ...                  in row groups of `block_rows` rows; the pack id and version sit in the file metadata
+    index.json         format, version, pack id, block size, and per shard: file name, rows, bytes, sha256
+    rows.parquet       the catalogue: one row per packed utterance (ID, speaker, segment, rate, frames, shard,
+                       record batch, audio bytes and their offset in the shard, CSV row) and no audio; read whole
+                       at training start
+    shard-00000.arrow  Arrow IPC streams (what Hugging Face `datasets` writes: `Dataset.from_file` opens one):
+    ...                the audio bytes as they were on disk (no re-encoding) plus the same per-row columns, one
+                       record batch per block of `block_rows` rows; the pack id and version in the schema
+
+Arrow keeps a column's values back to back and uncompressed, so every audio file lies whole at a byte offset of
+its shard, written to the catalogue at pack time. Training reads a block (one record batch) as one byte range:
+locally libsndfile decodes each file in place from the open shard (the kernel reads the block ahead, nothing is
+copied); remotely the block's range is fetched with one request and files are decoded from memory.
 
 Rows keep the CSV's order (minus files that cannot be decoded, which are reported and left out), and every
 shard but the last holds whole blocks, so block b is rows [b * block_rows, (b + 1) * block_rows) of the pack:
@@ -18,7 +25,6 @@ renamed when complete, the index last; a pack without index.json is unfinished a
 from __future__ import annotations
 
 import fnmatch
-import functools
 import glob as globbing
 import hashlib
 import io
@@ -43,20 +49,26 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import UserError
 from ..files import sha256_file
-from .audio import UnreadableAudio
+from .audio import DECODE_ERRORS, UnreadableAudio
 from .manifest import Problems, check_manifests, read_manifest
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "ecapa-accel-shards"
-VERSION = 1
+VERSION = 2  # 1: Parquet shards (their pages had to be decoded, a copy of every file)
 INDEX = "index.json"
 CATALOGUE = "rows.parquet"
 METADATA_KEY = b"ecapa_accel.pack"
+END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the last 8 bytes of a complete Arrow IPC stream
+HEAD_BYTES = 65536  # read from a shard's start at start-up: its schema message (with the pack id) lies within
+IN_PLACE_FORMATS = ("WAV", "WAVEX")  # decoded from the shard file itself; other formats from their bytes
+IN_PLACE_SUBTYPES = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW")
+TAIL_FRAMES = 4096  # frames compared at pack time to tell that a file decodes the same in place
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_SHARD_SIZE = "512MB"
-FOOTER_THREADS = 16  # shard footers read at once at start-up (remote latency)
+HEAD_THREADS = 16  # shard heads and tails read at once at start-up (remote latency)
 READ_AHEAD_THREADS = 16  # blocks read at once ahead of need, per data-loading process (remote: requests in flight)
+OPEN_SHARDS = 64  # local shard files a process keeps open for decoding
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -72,7 +84,14 @@ PER_ROW_FIELDS = [
     ("csv_row", pa.int64()),  # row in the packed CSV, from 1 as in every message
 ]
 SHARD_SCHEMA = pa.schema([*PER_ROW_FIELDS, ("audio", pa.large_binary())])
-CATALOGUE_SCHEMA = pa.schema([*PER_ROW_FIELDS, ("shard", pa.int32()), ("group", pa.int32()), ("bytes", pa.int64())])
+CATALOGUE_SCHEMA = pa.schema([
+    *PER_ROW_FIELDS,
+    ("shard", pa.int32()),
+    ("batch", pa.int32()),  # record batch (block) within the shard
+    ("bytes", pa.int64()),  # the audio file's size
+    ("offset", pa.int64()),  # where the audio file starts in its shard
+    ("in_place", pa.bool_()),  # whether libsndfile decodes it from the shard file at `offset` as it does alone
+])
 
 
 def parse_size(text: str) -> int:
@@ -88,7 +107,7 @@ def parse_size(text: str) -> int:
 
 
 def _shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
+    return f"shard-{index:05d}.arrow"
 
 
 # ---- packing
@@ -124,27 +143,74 @@ def _write_atomically(path: str, write: Callable[[str], None]) -> None:
             os.unlink(temporary)
 
 
-def _footer_pack(metadata: pq.FileMetaData) -> dict | None:
-    raw = (metadata.metadata or {}).get(METADATA_KEY)
+def _shard_pack(schema: pa.Schema) -> dict | None:
+    """The pack a shard's schema says it belongs to ({"version", "pack_id"}), None when it says nothing."""
+    raw = (schema.metadata or {}).get(METADATA_KEY)
     try:
-        return json.loads(raw) if raw else None
+        pack = json.loads(raw) if raw else None
     except ValueError:
         return None
+    return pack if isinstance(pack, dict) else None
 
 
-def _existing_shard(path: str, pack_id: str, rows: int) -> bool:
-    """Whether a shard left by an earlier `pack` of the same plan is complete (renamed files always are,
-    unless damaged since); a shard of another pack is refused."""
+def _decodes_in_place(fd: int, offset: int, data: memoryview) -> bool:
+    """Whether libsndfile, opening the shard file `fd` at `offset`, sees the audio file `data` as it is alone:
+    a WAV of plain samples (where a seek is arithmetic: other formats refuse to be embedded, as Ogg, or fail to
+    seek inside another file, as FLAC with libsndfile 1.2) with the same header and the same last frames (a WAV
+    whose sizes are unset would run on into the next file)."""
     try:
-        metadata = pq.read_metadata(path)
-    except (OSError, pa.ArrowException):
-        logger.warning("%s is damaged; writing it again", path)
+        with soundfile.SoundFile(io.BytesIO(data)) as alone:
+            if alone.format not in IN_PLACE_FORMATS or alone.subtype not in IN_PLACE_SUBTYPES:
+                return False
+            os.lseek(fd, offset, os.SEEK_SET)
+            inside = soundfile.SoundFile(fd, closefd=False)
+        with inside, soundfile.SoundFile(io.BytesIO(data)) as alone:
+            header = (alone.format, alone.subtype, alone.samplerate, alone.channels, alone.frames)
+            if (inside.format, inside.subtype, inside.samplerate, inside.channels, inside.frames) != header:
+                return False
+            tail = min(alone.frames, TAIL_FRAMES)
+            inside.seek(alone.frames - tail)
+            alone.seek(alone.frames - tail)
+            return np.array_equal(inside.read(tail, dtype="float32"), alone.read(tail, dtype="float32"),
+                                  equal_nan=True)
+    except DECODE_ERRORS:
         return False
-    pack = _footer_pack(metadata)
-    if pack is None or pack.get("pack_id") != pack_id:
-        raise UserError(f"{path}: belongs to another pack (other CSV, settings or version); pack into an empty "
-                        "folder or remove the old shards")
-    return metadata.num_rows == rows
+
+
+def _locate_audio(path: str, pack_id: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(rows of each record batch, byte offset of each row's audio file in the shard, whether it decodes in
+    place) of a complete shard file; ValueError or an Arrow error when it is not one, `UserError` when it belongs
+    to another pack.
+
+    The offsets are where the memory-mapped reader finds the audio values (Arrow reads an uncompressed stream
+    from a mapping without a copy); each file's bytes are checked to be there."""
+    with pa.memory_map(path) as mapped, open(path, "rb") as handle:
+        base, size = mapped.read_buffer(1).address, mapped.size()
+        mapped.seek(0)
+        reader = pa.ipc.open_stream(mapped)
+        pack = _shard_pack(reader.schema)
+        if pack is None or pack.get("pack_id") != pack_id:
+            raise UserError(f"{path}: belongs to another pack (other CSV, settings or version); pack into an empty "
+                            "folder or remove the old shards")
+        rows, offsets, in_place = [], [], []
+        for batch in reader:
+            audio = batch.column("audio")
+            values = audio.buffers()[2]
+            view = memoryview(values).cast("B")  # Arrow exports signed chars: compared with bytes, half would differ
+            ends = np.frombuffer(audio.buffers()[1], dtype=np.int64)[audio.offset : audio.offset + len(audio) + 1]
+            first = values.address - base
+            if not 0 <= first <= size - values.size:
+                raise ValueError("its audio values are not where the stream holds them")
+            for k in range(len(audio)):
+                data = view[ends[k] : ends[k + 1]]
+                offsets.append(first + int(ends[k]))
+                if os.pread(handle.fileno(), len(data), offsets[-1]) != data:
+                    raise ValueError(f"the audio of row {sum(rows) + k} is not at its offset")
+                in_place.append(_decodes_in_place(handle.fileno(), offsets[-1], data))
+            rows.append(len(audio))
+        if size < len(END_OF_STREAM) or os.pread(handle.fileno(), 8, size - 8) != END_OF_STREAM:
+            raise ValueError("no end-of-stream marker (truncated?)")
+    return rows, np.array(offsets, dtype=np.int64), np.array(in_place, dtype=bool)
 
 
 def pack_manifest(csv_path: str | Path, out_dir: str | Path, shard_size: str = DEFAULT_SHARD_SIZE,
@@ -165,7 +231,7 @@ def pack_manifest(csv_path: str | Path, out_dir: str | Path, shard_size: str = D
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: exists and is not a folder")
     strangers = [p.name for p in out_dir.iterdir()
-                 if not re.fullmatch(r"(shard-\d{5}\.parquet|rows\.parquet|index\.json|\..*)", p.name)] \
+                 if not re.fullmatch(r"(shard-\d{5}\.arrow|rows\.parquet|index\.json|\..*)", p.name)] \
         if out_dir.is_dir() else []
     if strangers:
         raise UserError(f"{out_dir}: holds other files ({strangers[0]}, ...); pack into an empty folder")
@@ -203,20 +269,26 @@ def _pack_into(manifest, csv_path: Path, out_dir: Path, kept: np.ndarray, paths:
                             "settings; pack into an empty folder")
         return _pack_report(manifest, csv_path, out_dir, index, resumed=0, already=True)
     per_row = _per_row_columns(manifest, kept)
-    shards, resumed = [], 0
+    shards, resumed, offsets, in_place = [], 0, [], []
     for number, blocks in enumerate(plan):
-        first, end = blocks[0][0], blocks[-1][1]
         path = str(out_dir / _shard_name(number))
-        if os.path.exists(path) and _existing_shard(path, pack_id, end - first):
+        planned = [end - first for first, end in blocks]
+        located = _existing_shard(path, pack_id) if os.path.exists(path) else None
+        if located is not None and located[0] == planned:
             resumed += 1
         else:
             _write_atomically(path, lambda temporary: _write_shard(
                 temporary, per_row, paths, blocks, pack_id, manifest.csv, kept))
-        shards.append({"file": _shard_name(number), "rows": end - first, "bytes": os.path.getsize(path),
+            located = _locate_audio(path, pack_id)
+            assert located[0] == planned, (path, located[0], planned)  # one record batch per block, as written
+        offsets.append(located[1])
+        in_place.append(located[2])
+        shards.append({"file": _shard_name(number), "rows": sum(planned), "bytes": os.path.getsize(path),
                        "sha256": sha256_file(path)})
-    catalogue = per_row.append_column("shard", pa.array(_shard_of_rows(plan), pa.int32()))
-    catalogue = catalogue.append_column("group", pa.array(_group_of_rows(plan), pa.int32()))
-    catalogue = catalogue.append_column("bytes", pa.array(sizes, pa.int64()))
+    catalogue = per_row
+    for name, values in [("shard", _shard_of_rows(plan)), ("batch", _batch_of_rows(plan)), ("bytes", sizes),
+                         ("offset", np.concatenate(offsets)), ("in_place", np.concatenate(in_place))]:
+        catalogue = catalogue.append_column(name, pa.array(values, CATALOGUE_SCHEMA.field(name).type))
     _write_atomically(str(out_dir / CATALOGUE), lambda temporary: pq.write_table(catalogue, temporary))
     index = {
         "format": FORMAT, "version": VERSION, "pack_id": pack_id, "csv": str(csv_path.resolve()),
@@ -256,17 +328,25 @@ def _shard_of_rows(plan: list[list[tuple[int, int]]]) -> np.ndarray:
     return np.concatenate([np.full(blocks[-1][1] - blocks[0][0], n) for n, blocks in enumerate(plan)])
 
 
-def _group_of_rows(plan: list[list[tuple[int, int]]]) -> np.ndarray:
+def _batch_of_rows(plan: list[list[tuple[int, int]]]) -> np.ndarray:
     return np.concatenate([np.full(end - first, g) for blocks in plan for g, (first, end) in enumerate(blocks)])
+
+
+def _existing_shard(path: str, pack_id: str) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """What `_locate_audio` finds in a shard left by an earlier `pack` of the same plan (renamed files are
+    complete unless damaged since: then None, and it is written again); a shard of another pack is refused."""
+    try:
+        return _locate_audio(path, pack_id)
+    except (OSError, ValueError, pa.ArrowException):
+        logger.warning("%s is damaged; writing it again", path)
+        return None
 
 
 def _write_shard(path: str, per_row: pa.Table, paths: list[str], blocks: list[tuple[int, int]], pack_id: str,
                  csv_path: Path, kept: np.ndarray) -> None:
+    """One Arrow IPC stream, uncompressed (audio bytes as they are), one record batch per block."""
     schema = SHARD_SCHEMA.with_metadata({METADATA_KEY: json.dumps({"version": VERSION, "pack_id": pack_id})})
-    others = [name for name in schema.names if name != "audio"]
-    # Audio bytes as they are: no compression, no dictionary, no min/max statistics in the footer.
-    with pq.ParquetWriter(path, schema, compression={name: "zstd" for name in others} | {"audio": "none"},
-                          use_dictionary=["spk"], write_statistics=others) as writer:
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for first, end in blocks:
             audio = []
             for i in range(first, end):
@@ -278,7 +358,7 @@ def _write_shard(path: str, per_row: pa.Table, paths: list[str], blocks: list[tu
                                     f"and cannot be decoded ({error}); run `ecapa-accel pack` again") from None
                 audio.append(data)
             block = per_row.slice(first, end - first).append_column("audio", pa.array(audio, pa.large_binary()))
-            writer.write_table(block.replace_schema_metadata(schema.metadata), row_group_size=end - first)
+            writer.write_table(block.replace_schema_metadata(schema.metadata), max_chunksize=end - first)
 
 
 def _pack_report(manifest, csv_path: Path, out_dir: Path, index: dict, resumed: int, already: bool) -> list[str]:
@@ -296,55 +376,10 @@ def _pack_report(manifest, csv_path: Path, out_dir: Path, index: dict, resumed: 
 # ---- reading
 
 
-class _RangeFile(io.RawIOBase):
-    """A read-only file whose reads are single range requests (`fs.cat_file(path, start, end)`): Parquet reads
-    a whole column chunk with one read, so a row group costs one request, local or remote."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, size: int):
-        self.fs, self.path, self.size, self.position = fs, path, size, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence] + offset
-        return self.position
-
-    def read(self, size: int = -1) -> bytes:
-        end = self.size if size is None or size < 0 else min(self.size, self.position + size)
-        if end <= self.position:
-            return b""
-        data = self.fs.cat_file(self.path, start=self.position, end=end)
-        self.position += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-
-def _read_footer(fs: fsspec.AbstractFileSystem, path: str, size: int) -> bytes:
-    """A shard's Parquet footer from at most two range reads of its end, as the bytes that `_parse_footer`
-    reads."""
-    tail = fs.cat_file(path, start=max(0, size - 65536), end=size)
-    if len(tail) < 12 or tail[-4:] != b"PAR1":
-        raise ValueError(f"no Parquet footer at its end ({len(tail)} bytes read; truncated?)")
-    length = int.from_bytes(tail[-8:-4], "little")
-    if length + 8 > len(tail):
-        tail = fs.cat_file(path, start=max(0, size - length - 8), end=size)
-    return b"PAR1" + tail[-(length + 8):]
-
-
-@functools.lru_cache(maxsize=16)  # the shards being read; a parsed footer takes ~150 KB
-def _parse_footer(footer: bytes) -> pq.FileMetaData:
-    return pq.read_metadata(pa.BufferReader(footer))
+def _read_shard_ends(fs: fsspec.AbstractFileSystem, path: str, size: int) -> tuple[bytes, bytes]:
+    """A shard's first `HEAD_BYTES` (its schema message) and last 8 bytes (the end-of-stream marker), two range
+    reads; a shard shorter than its index says has no marker there."""
+    return fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)), fs.cat_file(path, start=max(0, size - 8), end=size)
 
 
 def _open_location(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str | None]:
@@ -373,6 +408,8 @@ class ShardDataset:
         self.spec = spec
         self._fs, self.folder, pattern = _open_location(spec)
         self._fs_pid = os.getpid()
+        self.local = isinstance(self._fs, LocalFileSystem)
+        self._open_files: OrderedDict[int, int] = OrderedDict()  # shard -> file descriptor (local, this process)
         self.index_path = posixpath.join(self.folder, INDEX)
         self.index = self._read_index()
         self.block_rows = int(self.index["block_rows"])
@@ -384,29 +421,35 @@ class ShardDataset:
         self._paths = [posixpath.join(self.folder, shard["file"]) for shard in self.shards]
         catalogue = self._open_catalogue()
         # A few columns at a time, each dropped once used: a million rows of all of them at once take ~70 MB.
-        columns = catalogue.read(columns=["shard", "group", "bytes", "csv_row"])
+        columns = catalogue.read(columns=["shard", "batch", "csv_row"])
         shard_column = columns.column("shard").to_numpy()
         keep = np.isin(shard_column, chosen)
         if keep.all():
             keep = None
         else:
             columns, shard_column = columns.filter(pa.array(keep)), shard_column[keep]
+
+        def read(names: list[str], catalogue: pq.ParquetFile = catalogue) -> pa.Table:
+            table = catalogue.read(columns=names)
+            return table if keep is None else table.filter(pa.array(keep))
+
         renumber = np.full(len(listed), -1, dtype=np.int32)
         renumber[chosen] = np.arange(len(chosen), dtype=np.int32)
         self.shard_of_row = renumber[shard_column]
-        group = columns.column("group").to_numpy()
-        boundary = np.ones(len(group), dtype=bool)
-        boundary[1:] = (self.shard_of_row[1:] != self.shard_of_row[:-1]) | (group[1:] != group[:-1])
+        batch = columns.column("batch").to_numpy()
+        boundary = np.ones(len(batch), dtype=bool)
+        boundary[1:] = (self.shard_of_row[1:] != self.shard_of_row[:-1]) | (batch[1:] != batch[:-1])
         self.block_start = np.flatnonzero(boundary)
-        self.block_lengths = np.diff(np.append(self.block_start, len(group)))
+        self.block_lengths = np.diff(np.append(self.block_start, len(batch)))
         self.block_shard = self.shard_of_row[self.block_start]
-        self.block_group = group[self.block_start]
-        self.block_bytes = np.add.reduceat(columns.column("bytes").to_numpy(), self.block_start)
         self.csv_row = columns.column("csv_row").to_numpy()
-
-        def read(names: list[str]) -> pa.Table:
-            table = catalogue.read(columns=names)
-            return table if keep is None else table.filter(pa.array(keep))
+        located = read(["offset", "bytes", "in_place"])
+        self.offset = located.column("offset").to_numpy()
+        self.size = located.column("bytes").to_numpy()
+        self.in_place = located.column("in_place").to_numpy(zero_copy_only=False)
+        last = self.block_start + self.block_lengths - 1
+        self.block_offset = self.offset[self.block_start]  # a block's audio is one byte range of its shard
+        self.block_bytes = self.offset[last] + self.size[last] - self.block_offset
 
         labels = read(["spk"]).column("spk")
         self.speakers = sorted(pc.unique(labels).to_pylist())
@@ -420,8 +463,8 @@ class ShardDataset:
         self.sample_rates, self.channels = (
             Counter({item["values"]: item["counts"] for item in pc.value_counts(summary.column(name)).to_pylist()})
             for name in ("sample_rate", "channels"))
-        del catalogue, columns, labels, bounds, summary, group, boundary
-        self._footers, self.unreadable = self._read_footers()
+        del read, catalogue, columns, located, labels, bounds, summary, batch, boundary
+        self._damaged, self.unreadable = self._check_shards()
 
     def __len__(self) -> int:
         return len(self.shard_of_row)
@@ -429,9 +472,10 @@ class ShardDataset:
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
         """The pack's file system; a forked data-loading worker opens its own (fsspec's async ones are not
-        fork-safe)."""
+        fork-safe), and its own shard files (a shared file offset would move under another process)."""
         if self._fs_pid != os.getpid():
             self._fs, self._fs_pid = _open_location(self.spec)[0], os.getpid()
+            self._open_files = OrderedDict()
         return self._fs
 
     @property
@@ -464,7 +508,7 @@ class ShardDataset:
         """The pack's per-row table: memory-mapped when local, else fetched whole with one request."""
         path = posixpath.join(self.folder, self.index.get("catalogue", CATALOGUE))
         try:
-            source = path if isinstance(self.fs, LocalFileSystem) else pa.BufferReader(self.fs.cat_file(path))
+            source = path if self.local else pa.BufferReader(self.fs.cat_file(path))
             catalogue = pq.ParquetFile(source, memory_map=True)
         except FileNotFoundError:
             raise UserError(f"{self.index_path}: its catalogue {path} is missing") from None
@@ -476,49 +520,45 @@ class ShardDataset:
                             f"{self.index['rows']} listed{'; no column ' + min(missing) if missing else ''})")
         return catalogue
 
-    def _read_footers(self) -> tuple[list[bytes | None], list[int]]:
-        """Every chosen shard's footer (one or two range reads each, fetched in parallel, checked one at a time
-        here: parsed on many threads at once they would leave ~100 MB of malloc arenas behind). A missing shard
-        or one of another pack is a `UserError`; a damaged one makes its rows unreadable (counted like broken
-        files)."""
-        def fetch(n: int) -> bytes | Exception:
+    def _check_shards(self) -> tuple[set[int], list[int]]:
+        """Every chosen shard's schema (its start) and end-of-stream marker (at the size the index lists), read
+        in parallel. A missing shard or one of another pack is a `UserError`; a damaged or truncated one makes
+        its rows unreadable (counted like broken files)."""
+        def fetch(n: int) -> tuple[bytes, bytes] | Exception:
             try:
-                return _read_footer(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
+                return _read_shard_ends(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
             except Exception as error:
                 return error
 
-        with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        with ThreadPoolExecutor(HEAD_THREADS) as pool:
             fetched = list(pool.map(fetch, range(len(self.shards))))
-        footers, damaged = [], []
-        for n, footer in enumerate(fetched):
-            if isinstance(footer, FileNotFoundError):
+        damaged = set()
+        for n, ends in enumerate(fetched):
+            if isinstance(ends, FileNotFoundError):
                 raise UserError(f"{self.index_path}: lists {self.shards[n]['file']}, which is missing "
                                 f"({self._paths[n]})")
-            problem = footer if isinstance(footer, Exception) else None
+            problem = ends if isinstance(ends, Exception) else None
             if problem is None:
+                head, tail = ends
                 try:
-                    metadata = _parse_footer(footer)  # not kept: parsed, a thousand of them take ~150 MB
+                    pack = _shard_pack(pa.ipc.read_schema(pa.py_buffer(head)))
                 except Exception as error:
-                    problem = error
+                    problem = ValueError(f"no Arrow stream schema at its start ({_reason(error)})")
             if problem is None:
-                pack = _footer_pack(metadata)
                 if pack is None or pack.get("version") != VERSION:
                     version = None if pack is None else pack.get("version")
                     raise UserError(f"{self._paths[n]}: shard of pack format version {version}, this ecapa-accel "
                                     f"reads version {VERSION}; pack the CSV again")
                 if pack.get("pack_id") != self.index["pack_id"]:
                     raise UserError(f"{self._paths[n]}: belongs to another pack than {self.index_path}")
-                if metadata.num_rows != self.shards[n]["rows"]:
-                    problem = ValueError(f"{metadata.num_rows} rows, its index lists {self.shards[n]['rows']}")
+                if tail != END_OF_STREAM:
+                    problem = ValueError(f"no end of stream at byte {self.shards[n]['bytes']} (truncated?)")
             if problem is not None:
                 logger.warning("%s: unreadable shard (%s); its rows count as unreadable audio", self._paths[n],
                                _reason(problem))
-                footers.append(None)
-                damaged.append(n)
-            else:
-                footers.append(footer)
-        unreadable = np.flatnonzero(np.isin(self.shard_of_row, damaged)).tolist()
-        return footers, unreadable
+                damaged.add(n)
+        unreadable = np.flatnonzero(np.isin(self.shard_of_row, list(damaged))).tolist()
+        return damaged, unreadable
 
     def segment(self, row: int) -> tuple[float, float | None]:
         start, stop = self.start[row], self.stop[row]
@@ -531,27 +571,60 @@ class ShardDataset:
     def block_of(self, row: int) -> int:
         return int(np.searchsorted(self.block_start, row, side="right")) - 1
 
-    def read_block(self, block: int) -> pa.Array:
-        """The audio bytes of a block's rows: one ranged read of its row group's audio column."""
-        shard = int(self.block_shard[block])
-        footer = self._footers[shard]
-        if footer is None:
+    def _readable_shard(self, shard: int) -> str:
+        if shard in self._damaged:
             raise UnreadableAudio(f"shard {self._paths[shard]} is damaged")
+        return self._paths[shard]
+
+    def read_block(self, block: int) -> bytes | None:
+        """A block's audio files, back to back as in its shard: one ranged read (remote). Locally the kernel is
+        asked to read the range ahead (`posix_fadvise`), and None returned: rows are decoded in place."""
+        path = self._readable_shard(int(self.block_shard[block]))
+        start, size = int(self.block_offset[block]), int(self.block_bytes[block])
         try:
-            # Local files are read, not memory-mapped: a fresh mapping faults in every page, a read copies once.
-            source = self._paths[shard] if isinstance(self.fs, LocalFileSystem) else \
-                _RangeFile(self.fs, self._paths[shard], int(self.shards[shard]["bytes"]))
-            shard_file = pq.ParquetFile(source, metadata=_parse_footer(footer))
-            column = shard_file.read_row_group(int(self.block_group[block]), columns=["audio"],
-                                               use_threads=False).column("audio")
-            audio = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()  # combining copies
-        except Exception as error:  # truncated or corrupt pages, a vanished file, a network error
-            raise UnreadableAudio(f"shard {self._paths[shard]} row group {self.block_group[block]}: "
-                                  f"{_reason(error)}") from None
-        if len(audio) != self.block_lengths[block]:
-            raise UnreadableAudio(f"shard {self._paths[shard]} row group {self.block_group[block]}: "
-                                  f"{len(audio)} rows, expected {self.block_lengths[block]}")
-        return audio
+            if self.local:
+                if hasattr(os, "posix_fadvise"):
+                    fd = os.open(path, os.O_RDONLY)  # its own: the decoding thread's files may close meanwhile
+                    try:
+                        os.posix_fadvise(fd, start, size, os.POSIX_FADV_WILLNEED)
+                    finally:
+                        os.close(fd)
+                return None
+            data = self.fs.cat_file(path, start=start, end=start + size)
+        except Exception as error:  # a vanished file, a network error
+            raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {_reason(error)}") from None
+        if len(data) != size:
+            raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {len(data)} bytes read (truncated?)")
+        return data
+
+    def _shard_file(self, shard: int) -> int:
+        """This process's open descriptor of a local shard (the least recently used closed past `OPEN_SHARDS`)."""
+        self.fs  # a forked process drops its parent's descriptors first
+        fd = self._open_files.get(shard)
+        if fd is None:
+            path = self._readable_shard(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as error:
+                raise UnreadableAudio(f"shard {path}: {_reason(error)}") from None
+            self._open_files[shard] = fd
+            while len(self._open_files) > OPEN_SHARDS:
+                os.close(self._open_files.popitem(last=False)[1])
+        self._open_files.move_to_end(shard)
+        return fd
+
+    def local_audio(self, row: int) -> int | io.BytesIO:
+        """What `read_crop` opens for a row of a local pack: the shard's descriptor positioned at the row's audio
+        file (libsndfile decodes it in place), or its bytes when it cannot be decoded in place."""
+        shard = int(self.shard_of_row[row])
+        fd, offset, size = self._shard_file(shard), int(self.offset[row]), int(self.size[row])
+        if self.in_place[row]:
+            os.lseek(fd, offset, os.SEEK_SET)
+            return fd
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise UnreadableAudio(f"shard {self._paths[shard]}: {len(data)} of {size} bytes at {offset} (truncated?)")
+        return io.BytesIO(data)
 
     def summary(self) -> str:
         total = sum(int(shard["bytes"]) for shard in self.shards)
@@ -582,6 +655,8 @@ class BlockCache:
     `read_ahead` starts reading the blocks named for the next batches on a few threads (hiding remote latency)
     while they fit in the budget next to the blocks in use; `audio` waits for a block, reading it if needed.
     A block that cannot be read is remembered as such, so a damaged shard is not read again for every row.
+    For a local pack the kernel holds the blocks (in its page cache, `ShardDataset.read_block`): the budget
+    bounds how much is asked to be read ahead, and a block is asked for once while it is remembered here.
     """
 
     def __init__(self, budget_bytes: int, threads: int = READ_AHEAD_THREADS):
@@ -626,23 +701,26 @@ class BlockCache:
                 break
             self._start(key, dataset)
 
-    def audio(self, dataset_index: int, dataset: ShardDataset, row: int) -> io.BytesIO:
-        """The audio file of a row, as it was packed, as an in-memory file (soundfile decodes from a BytesIO
-        faster than from a `pa.BufferReader`, whose reads cost more per call); `UnreadableAudio` when its block
-        cannot be read."""
+    def audio(self, dataset_index: int, dataset: ShardDataset, row: int) -> int | io.BytesIO:
+        """What `read_crop` opens for a row: for a local pack `ShardDataset.local_audio`; else the row's audio
+        file from its block in memory (waiting for the block, reading it if needed). `UnreadableAudio` when its
+        block cannot be read."""
+        if dataset.local:
+            return dataset.local_audio(row)
         block = dataset.block_of(row)
         key = (dataset_index, block)
         if key not in self.blocks:
             self._make_room(int(dataset.block_bytes[block]), {key})
             self._start(key, dataset)
         self.blocks.move_to_end(key)
-        audio = self.blocks[key][0].result()  # raises the block's UnreadableAudio
-        return io.BytesIO(audio[row - int(dataset.block_start[block])].as_py())
+        data = self.blocks[key][0].result()  # raises the block's UnreadableAudio
+        first = int(dataset.offset[row] - dataset.block_offset[block])
+        return io.BytesIO(memoryview(data)[first : first + int(dataset.size[row])])
 
 
 def check_datasets(specs: list[str | Path]) -> list[str]:
-    """`ecapa-accel data check`: CSVs as `check_manifests` checks them, then packs (index, catalogue, every
-    shard's footer); summary lines or `UserError`."""
+    """`ecapa-accel data check`: CSVs as `check_manifests` checks them, then packs (index, catalogue, the start
+    and end of every shard); summary lines or `UserError`."""
     csvs = [Path(spec) for spec in specs if not is_shards(spec)]
     lines = check_manifests(csvs) if csvs else []
     return lines + [ShardDataset(str(spec)).summary() for spec in specs if is_shards(spec)]
