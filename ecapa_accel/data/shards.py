@@ -33,6 +33,7 @@ import logging
 import os
 import posixpath
 import re
+import tempfile
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -69,6 +70,7 @@ DEFAULT_SHARD_SIZE = "512MB"
 HEAD_THREADS = 16  # shard heads and tails read at once at start-up (remote latency)
 READ_AHEAD_THREADS = 16  # blocks read at once ahead of need, per data-loading process (remote: requests in flight)
 OPEN_SHARDS = 64  # local shard files a process keeps open for decoding
+_INHERITED: list = []  # file systems a forked process inherited (see `ShardDataset.fs`)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
@@ -474,6 +476,10 @@ class ShardDataset:
         """The pack's file system; a forked data-loading worker opens its own (fsspec's async ones are not
         fork-safe), and its own shard files (a shared file offset would move under another process)."""
         if self._fs_pid != os.getpid():
+            # The parent's is kept, never freed here: freeing its HTTP connections would take their sockets off
+            # the parent's event loop (an epoll set that parent and child share), and a parent request on one
+            # of them would wait forever.
+            _INHERITED.append(self._fs)
             self._fs, self._fs_pid = _open_location(self.spec)[0], os.getpid()
             self._open_files = OrderedDict()
         return self._fs
@@ -576,9 +582,10 @@ class ShardDataset:
             raise UnreadableAudio(f"shard {self._paths[shard]} is damaged")
         return self._paths[shard]
 
-    def read_block(self, block: int) -> bytes | None:
-        """A block's audio files, back to back as in its shard: one ranged read (remote). Locally the kernel is
-        asked to read the range ahead (`posix_fadvise`), and None returned: rows are decoded in place."""
+    def read_block(self, block: int) -> io.FileIO | None:
+        """A block's audio files, back to back as in its shard. Remote: one ranged read, written at the same
+        offset into an anonymous in-memory file (rows are then decoded in place from it, as from the shard).
+        Local: the kernel is asked to read the range ahead (`posix_fadvise`), and None returned."""
         path = self._readable_shard(int(self.block_shard[block]))
         start, size = int(self.block_offset[block]), int(self.block_bytes[block])
         try:
@@ -595,7 +602,13 @@ class ShardDataset:
             raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {_reason(error)}") from None
         if len(data) != size:
             raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {len(data)} bytes read (truncated?)")
-        return data
+        # At the block's own offset (the file is sparse before it): libsndfile reads a WAV at offset 0 as a whole
+        # file (on into the next one), and at its offset in the shard as the pack checked it.
+        memory = _memory_file()
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(memory.fileno(), view, start + len(data) - len(view)) :]
+        return memory
 
     def _shard_file(self, shard: int) -> int:
         """This process's open descriptor of a local shard (the least recently used closed past `OPEN_SHARDS`)."""
@@ -613,18 +626,22 @@ class ShardDataset:
         self._open_files.move_to_end(shard)
         return fd
 
-    def local_audio(self, row: int) -> int | io.BytesIO:
-        """What `read_crop` opens for a row of a local pack: the shard's descriptor positioned at the row's audio
-        file (libsndfile decodes it in place), or its bytes when it cannot be decoded in place."""
-        shard = int(self.shard_of_row[row])
-        fd, offset, size = self._shard_file(shard), int(self.offset[row]), int(self.size[row])
+    def audio_in(self, fd: int, row: int) -> int | io.BytesIO:
+        """What `read_crop` opens for a row held in the file `fd` at its offset in the shard (the shard itself,
+        or its block in memory): `fd` positioned at the row's audio file, which libsndfile decodes in place, or
+        the file's bytes when it cannot be decoded in place."""
+        offset, size = int(self.offset[row]), int(self.size[row])
         if self.in_place[row]:
             os.lseek(fd, offset, os.SEEK_SET)
             return fd
         data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise UnreadableAudio(f"shard {self._paths[shard]}: {len(data)} of {size} bytes at {offset} (truncated?)")
+            raise UnreadableAudio(f"{self.where(row)}: {len(data)} of {size} bytes at {offset} (truncated?)")
         return io.BytesIO(data)
+
+    def local_audio(self, row: int) -> int | io.BytesIO:
+        """`audio_in` the row's local shard file."""
+        return self.audio_in(self._shard_file(int(self.shard_of_row[row])), row)
 
     def summary(self) -> str:
         total = sum(int(shard["bytes"]) for shard in self.shards)
@@ -635,6 +652,13 @@ class ShardDataset:
         if self.unreadable:
             parts.append(f"{len(self.unreadable):,} rows in damaged shards")
         return f"{self.spec}: " + ", ".join(parts)
+
+
+def _memory_file() -> io.FileIO:
+    """An anonymous file in memory (closed, and its memory freed, when the object is dropped)."""
+    if hasattr(os, "memfd_create"):
+        return io.FileIO(os.memfd_create("ecapa-accel-block", os.MFD_CLOEXEC), "w+")
+    return tempfile.TemporaryFile(buffering=0)  # elsewhere than Linux: a temporary file, deleted on close
 
 
 def _reason(error: BaseException) -> str:
@@ -713,9 +737,8 @@ class BlockCache:
             self._make_room(int(dataset.block_bytes[block]), {key})
             self._start(key, dataset)
         self.blocks.move_to_end(key)
-        data = self.blocks[key][0].result()  # raises the block's UnreadableAudio
-        first = int(dataset.offset[row] - dataset.block_offset[block])
-        return io.BytesIO(memoryview(data)[first : first + int(dataset.size[row])])
+        memory = self.blocks[key][0].result()  # raises the block's UnreadableAudio
+        return dataset.audio_in(memory.fileno(), row)
 
 
 def check_datasets(specs: list[str | Path]) -> list[str]:
