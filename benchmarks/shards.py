@@ -315,6 +315,7 @@ def main() -> None:
     parser.add_argument("--scale-rows", type=int, default=1_000_000, help="utterances in the scale index")
     parser.add_argument("--scale-speakers", type=int, default=10_000)
     parser.add_argument("--scale-shards", type=int, default=1_000)
+    parser.add_argument("--only", choices=["throughput", "scale"], help="run one part (sections 1-2, or 3)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--delay", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -324,8 +325,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         os.environ.setdefault("HF_DATASETS_CACHE", str(root / "hf-cache"))
-        report = throughput(root, args.files, args.samples, args.repeats)
-        report["scale"] = scale(root, args.scale_rows, args.scale_speakers, args.scale_shards)
+        report = throughput(root, args.files, args.samples, args.repeats) if args.only != "scale" else {}
+        if args.only != "throughput":
+            report["scale"] = scale(root, args.scale_rows, args.scale_speakers, args.scale_shards)
     emit(report, args.json)
 
 

@@ -133,9 +133,9 @@ def pack(
     csv: Path = typer.Argument(..., help="Manifest CSV to pack."),
     out_dir: Path = typer.Argument(..., help="Folder for the shards and index.json (resumed if unfinished)."),
     shard_size: str = typer.Option("512MB", "--shard-size", help="Audio per shard, e.g. 512MB or 2GB."),
-    block_rows: int = typer.Option(64, "--block-rows", help="Rows per row group (the unit read and shuffled)."),
+    block_rows: int = typer.Option(64, "--block-rows", help="Rows per block (the unit read and shuffled)."),
 ) -> None:
-    """Pack a manifest's audio (bytes as they are) into Parquet shards for large or remote corpora."""
+    """Pack a manifest's audio (bytes as they are) into Arrow shards for large or remote corpora."""
     from .data import pack_manifest
 
     for line in pack_manifest(csv, out_dir, shard_size, block_rows):

@@ -29,7 +29,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ecapa_accel.config import config_from_dict
-from ecapa_accel.data import build_training_data, pack_manifest
+from ecapa_accel.data import build_training_data, pack_manifest, shards
 from ecapa_accel.data.mixing import block_shuffled_rows
 from ecapa_accel.errors import UserError
 
@@ -352,7 +352,7 @@ def test_reading_over_http_is_block_wise_with_the_same_samples(tmp_path, tone_co
     assert_same(draw(remote, micro_batch=4), expected)
     reads = http_server.requests
     assert all(method == "GET" and path in shard_files and rng.startswith("bytes=") for method, path, rng in reads)
-    assert len(reads) == 6  # each row group read once with one request: none per utterance
+    assert len(reads) == 6  # each block read once with one request: none per utterance
     http_server.requests.clear()
     assert_same(draw(remote, micro_batch=4, workers=2), expected)
     assert len(http_server.requests) <= 2 * 6  # at most once per epoch per process
@@ -371,6 +371,14 @@ def test_reading_over_http_is_block_wise_with_the_same_samples(tmp_path, tone_co
     assert_same(draw(resumed, start=20, micro_batch=4), expected[5:])
     needed = {resumed._sources[0].manifest.block_of(row) for _, row in resumed.locate(0, range(20, 24))}
     assert len(http_server.requests) == len(needed) < 6
+
+
+def test_a_shard_schema_longer_than_the_first_read_is_read_whole(tmp_path, tone_corpus, http_server, monkeypatch):
+    _, out = packed(tone_corpus, tmp_path)
+    monkeypatch.setattr(shards, "HEAD_BYTES", 16)  # a schema message is ~1 KB: it no longer fits
+    for spec in (str(out), f"{http_server.url}/{out.name}"):
+        data = build_training_data(make_config([{"name": "set", "shards": spec}]))
+        assert not data._sources[0].manifest.unreadable and len(draw(data)) == 5
 
 
 def test_a_damaged_shard_met_in_training_is_skipped_counted_and_named(tmp_path, tone_corpus, caplog):

@@ -33,7 +33,6 @@ import logging
 import os
 import posixpath
 import re
-import tempfile
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -61,13 +60,12 @@ INDEX = "index.json"
 CATALOGUE = "rows.parquet"
 METADATA_KEY = b"ecapa_accel.pack"
 END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the last 8 bytes of a complete Arrow IPC stream
-HEAD_BYTES = 65536  # read from a shard's start at start-up: its schema message (with the pack id) lies within
+HEAD_BYTES = 4096  # read from a shard's start at start-up: its schema message (with the pack id), usually whole
 IN_PLACE_FORMATS = ("WAV", "WAVEX")  # decoded from the shard file itself; other formats from their bytes
 IN_PLACE_SUBTYPES = ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE", "ULAW", "ALAW")
 TAIL_FRAMES = 4096  # frames compared at pack time to tell that a file decodes the same in place
 DEFAULT_BLOCK_ROWS = 64
 DEFAULT_SHARD_SIZE = "512MB"
-HEAD_THREADS = 16  # shard heads and tails read at once at start-up (remote latency)
 READ_AHEAD_THREADS = 16  # blocks read at once ahead of need, per data-loading process (remote: requests in flight)
 OPEN_SHARDS = 64  # local shard files a process keeps open for decoding
 _INHERITED: list = []  # file systems a forked process inherited (see `ShardDataset.fs`)
@@ -217,7 +215,7 @@ def _locate_audio(path: str, pack_id: str) -> tuple[list[int], np.ndarray, np.nd
 
 def pack_manifest(csv_path: str | Path, out_dir: str | Path, shard_size: str = DEFAULT_SHARD_SIZE,
                   block_rows: int = DEFAULT_BLOCK_ROWS) -> list[str]:
-    """`ecapa-accel pack`: validate a manifest like `data check`, then write its audio into Parquet shards.
+    """`ecapa-accel pack`: validate a manifest like `data check`, then write its audio into Arrow shards.
 
     Files that exist but cannot be decoded are left out and reported (one line each, capped); the last line
     sums up. A re-run into the same folder resumes an unfinished pack of the same CSV and settings, is a no-op
@@ -378,10 +376,22 @@ def _pack_report(manifest, csv_path: Path, out_dir: Path, index: dict, resumed: 
 # ---- reading
 
 
-def _read_shard_ends(fs: fsspec.AbstractFileSystem, path: str, size: int) -> tuple[bytes, bytes]:
-    """A shard's first `HEAD_BYTES` (its schema message) and last 8 bytes (the end-of-stream marker), two range
-    reads; a shard shorter than its index says has no marker there."""
-    return fs.cat_file(path, start=0, end=min(size, HEAD_BYTES)), fs.cat_file(path, start=max(0, size - 8), end=size)
+def _read_shard_ends(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: list[int]) -> list:
+    """Per shard, (its schema message, its last 8 bytes: the end-of-stream marker that a shard shorter than its
+    index says lacks) or the error that reading them raised. One batch of range requests, run concurrently by
+    fsspec; a schema longer than `HEAD_BYTES` (its length is in its first 8 bytes) is read again whole."""
+    ends = fs.cat_ranges(paths * 2, [0] * len(paths) + [max(0, size - 8) for size in sizes],
+                         [min(size, HEAD_BYTES) for size in sizes] + sizes, on_error="return")
+    results = []
+    for path, size, head, tail in zip(paths, sizes, ends[: len(paths)], ends[len(paths) :]):
+        error = next((part for part in (head, tail) if isinstance(part, Exception)), None)
+        if error is None and len(head) >= 8 and int.from_bytes(head[4:8], "little") + 8 > len(head):
+            try:
+                head = fs.cat_file(path, start=0, end=min(size, int.from_bytes(head[4:8], "little") + 8))
+            except Exception as failure:
+                error = failure
+        results.append(error if error is not None else (head, tail))
+    return results
 
 
 def _open_location(spec: str) -> tuple[fsspec.AbstractFileSystem, str, str | None]:
@@ -528,16 +538,12 @@ class ShardDataset:
 
     def _check_shards(self) -> tuple[set[int], list[int]]:
         """Every chosen shard's schema (its start) and end-of-stream marker (at the size the index lists), read
-        in parallel. A missing shard or one of another pack is a `UserError`; a damaged or truncated one makes
+        concurrently. A missing shard or one of another pack is a `UserError`; a damaged or truncated one makes
         its rows unreadable (counted like broken files)."""
-        def fetch(n: int) -> tuple[bytes, bytes] | Exception:
-            try:
-                return _read_shard_ends(self.fs, self._paths[n], int(self.shards[n]["bytes"]))
-            except Exception as error:
-                return error
-
-        with ThreadPoolExecutor(HEAD_THREADS) as pool:
-            fetched = list(pool.map(fetch, range(len(self.shards))))
+        try:
+            fetched = _read_shard_ends(self.fs, self._paths, [int(shard["bytes"]) for shard in self.shards])
+        except Exception as error:  # the file system failed as a whole (a refused connection)
+            raise UserError(f"{self.spec}: cannot read its shards: {_reason(error)}") from None
         damaged = set()
         for n, ends in enumerate(fetched):
             if isinstance(ends, FileNotFoundError):
@@ -582,10 +588,9 @@ class ShardDataset:
             raise UnreadableAudio(f"shard {self._paths[shard]} is damaged")
         return self._paths[shard]
 
-    def read_block(self, block: int) -> io.FileIO | None:
-        """A block's audio files, back to back as in its shard. Remote: one ranged read, written at the same
-        offset into an anonymous in-memory file (rows are then decoded in place from it, as from the shard).
-        Local: the kernel is asked to read the range ahead (`posix_fadvise`), and None returned."""
+    def read_block(self, block: int) -> bytes | None:
+        """A block's audio files, back to back as in its shard. Remote: one ranged read. Local: the kernel is
+        asked to read the range ahead (`posix_fadvise`), and None returned: rows are decoded in place."""
         path = self._readable_shard(int(self.block_shard[block]))
         start, size = int(self.block_offset[block]), int(self.block_bytes[block])
         try:
@@ -602,13 +607,7 @@ class ShardDataset:
             raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {_reason(error)}") from None
         if len(data) != size:
             raise UnreadableAudio(f"shard {path} bytes {start}-{start + size}: {len(data)} bytes read (truncated?)")
-        # At the block's own offset (the file is sparse before it): libsndfile reads a WAV at offset 0 as a whole
-        # file (on into the next one), and at its offset in the shard as the pack checked it.
-        memory = _memory_file()
-        view = memoryview(data)
-        while view:
-            view = view[os.pwrite(memory.fileno(), view, start + len(data) - len(view)) :]
-        return memory
+        return data
 
     def _shard_file(self, shard: int) -> int:
         """This process's open descriptor of a local shard (the least recently used closed past `OPEN_SHARDS`)."""
@@ -626,11 +625,11 @@ class ShardDataset:
         self._open_files.move_to_end(shard)
         return fd
 
-    def audio_in(self, fd: int, row: int) -> int | io.BytesIO:
-        """What `read_crop` opens for a row held in the file `fd` at its offset in the shard (the shard itself,
-        or its block in memory): `fd` positioned at the row's audio file, which libsndfile decodes in place, or
-        the file's bytes when it cannot be decoded in place."""
-        offset, size = int(self.offset[row]), int(self.size[row])
+    def local_audio(self, row: int) -> int | io.BytesIO:
+        """What `read_crop` opens for a row of a local pack: the shard's descriptor positioned at the row's audio
+        file, which libsndfile decodes in place, or the file's bytes when it cannot be decoded in place."""
+        shard = int(self.shard_of_row[row])
+        fd, offset, size = self._shard_file(shard), int(self.offset[row]), int(self.size[row])
         if self.in_place[row]:
             os.lseek(fd, offset, os.SEEK_SET)
             return fd
@@ -638,10 +637,6 @@ class ShardDataset:
         if len(data) != size:
             raise UnreadableAudio(f"{self.where(row)}: {len(data)} of {size} bytes at {offset} (truncated?)")
         return io.BytesIO(data)
-
-    def local_audio(self, row: int) -> int | io.BytesIO:
-        """`audio_in` the row's local shard file."""
-        return self.audio_in(self._shard_file(int(self.shard_of_row[row])), row)
 
     def summary(self) -> str:
         total = sum(int(shard["bytes"]) for shard in self.shards)
@@ -652,13 +647,6 @@ class ShardDataset:
         if self.unreadable:
             parts.append(f"{len(self.unreadable):,} rows in damaged shards")
         return f"{self.spec}: " + ", ".join(parts)
-
-
-def _memory_file() -> io.FileIO:
-    """An anonymous file in memory (closed, and its memory freed, when the object is dropped)."""
-    if hasattr(os, "memfd_create"):
-        return io.FileIO(os.memfd_create("ecapa-accel-block", os.MFD_CLOEXEC), "w+")
-    return tempfile.TemporaryFile(buffering=0)  # elsewhere than Linux: a temporary file, deleted on close
 
 
 def _reason(error: BaseException) -> str:
@@ -737,8 +725,11 @@ class BlockCache:
             self._make_room(int(dataset.block_bytes[block]), {key})
             self._start(key, dataset)
         self.blocks.move_to_end(key)
-        memory = self.blocks[key][0].result()  # raises the block's UnreadableAudio
-        return dataset.audio_in(memory.fileno(), row)
+        data = self.blocks[key][0].result()  # raises the block's UnreadableAudio
+        # Decoded from memory (a BytesIO: soundfile's reads from it cost less than from a `pa.BufferReader`);
+        # written to an anonymous file to be decoded in place, a block costs more in fresh pages than it saves.
+        first = int(dataset.offset[row] - dataset.block_offset[block])
+        return io.BytesIO(memoryview(data)[first : first + int(dataset.size[row])])
 
 
 def check_datasets(specs: list[str | Path]) -> list[str]:

@@ -5,8 +5,9 @@ row, and the sample's own uniform draws (`mixing.sample_draws`) pick the speed, 
 augmentation. Sharding is arithmetic on positions, so starting mid-epoch decodes nothing that is skipped, and a
 run resumed with another process count continues at the next unseen position.
 
-Packed shards (`ecapa_accel.data.shards`) are read a block at a time: each data-loading process keeps the blocks
-its batches need in a bounded cache and reads the blocks of its next batches ahead on a few threads.
+Packed shards (`ecapa_accel.data.shards`) are read a block at a time: each data-loading process asks for the
+blocks of its next batches ahead, within a bounded budget (remote blocks on a few threads into memory; local
+ones into the kernel's page cache, decoded in place from the shard file).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _Source:
 
 
 def _block_lengths(dataset, manifest: Manifest | ShardDataset) -> np.ndarray | None:
-    """How a dataset is cut into blocks for shuffling: a pack's row groups, or `block_rows` rows of a CSV."""
+    """How a dataset is cut into blocks for shuffling: a pack's blocks (record batches), or `block_rows` rows of a CSV."""
     if isinstance(manifest, ShardDataset):
         if dataset.block_rows is not None and dataset.block_rows != manifest.block_rows:
             raise UserError(f"{manifest.index_path}: packed in blocks of {manifest.block_rows} rows, but "
