@@ -182,7 +182,8 @@ def test_pack_writes_arrow_shards_an_index_and_leaves_undecodable_files_out(tmp_
     assert code == 0
     whole, by_index, glob = stdout.strip().splitlines()
     assert f"{out}: 14 rows in {len(index['shards'])} shards" in whole and "3 speakers" in whole
-    assert "16000 Hz (14), 1 channel (14)" in whole and by_index.split(": ", 1)[1] == whole.split(": ", 1)[1]
+    assert "16000 Hz (14), 1 channel (14), 14 decoded in place (WAV), 0 from bytes" in whole
+    assert by_index.split(": ", 1)[1] == whole.split(": ", 1)[1]
     assert f"{index['shards'][0]['rows']} rows in 1 shards" in glob
 
     # A second run finds the finished pack; another CSV into the same folder is refused.

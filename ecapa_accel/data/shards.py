@@ -643,7 +643,8 @@ class ShardDataset:
         parts = [f"{len(self):,} rows in {len(self.shards)} shards ({total / 1e6:,.1f} MB)",
                  f"{len(self.speakers):,} speakers", f"{self.seconds / 3600:,.2f} h",
                  ", ".join(f"{rate} Hz ({n:,})" for rate, n in sorted(self.sample_rates.items())),
-                 ", ".join(f"{ch} channel{'s' * (ch > 1)} ({n:,})" for ch, n in sorted(self.channels.items()))]
+                 ", ".join(f"{ch} channel{'s' * (ch > 1)} ({n:,})" for ch, n in sorted(self.channels.items())),
+                 f"{int(self.in_place.sum()):,} decoded in place (WAV), {int((~self.in_place).sum()):,} from bytes"]
         if self.unreadable:
             parts.append(f"{len(self.unreadable):,} rows in damaged shards")
         return f"{self.spec}: " + ", ".join(parts)
