@@ -30,9 +30,11 @@ import hashlib
 import io
 import json
 import logging
+import multiprocessing.util
 import os
 import posixpath
 import re
+import weakref
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -678,6 +680,9 @@ class BlockCache:
         self.blocks: OrderedDict[tuple[int, int], tuple[Future, int]] = OrderedDict()
         self.used = 0
         self.reads = 0
+        # A process exiting (a DataLoader worker at the end of an epoch) would first run every read planned
+        # ahead: its threads are joined at exit. Dropped before that (the finaliser holds no reference).
+        multiprocessing.util.Finalize(self, _cancel_read_ahead, args=(weakref.ref(self),), exitpriority=0)
 
     def _make_room(self, size: int, keep: set) -> bool:
         for key in list(self.blocks):
@@ -731,6 +736,11 @@ class BlockCache:
         # written to an anonymous file to be decoded in place, a block costs more in fresh pages than it saves.
         first = int(dataset.offset[row] - dataset.block_offset[block])
         return io.BytesIO(memoryview(data)[first : first + int(dataset.size[row])])
+
+
+def _cancel_read_ahead(cache: weakref.ref) -> None:
+    if cache() is not None:
+        cache().cancel_read_ahead()
 
 
 def check_datasets(specs: list[str | Path]) -> list[str]:
