@@ -70,7 +70,7 @@ class DataConfig:
     speed_as_classes: bool = True  # speaker x speed are new classes (3D-Speaker, WeSpeaker)
     max_bad_fraction: float = 0.05
     shuffle_window_blocks: int = 32  # blocks whose rows are interleaved at once (block-shuffled datasets)
-    shard_memory_mb: float = 1024.0  # packed audio held per data-loading process (blocks in use + read-ahead)
+    shard_memory_mb: float = 1024.0  # per data-loading process: remote blocks held, local blocks asked ahead
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
