@@ -165,16 +165,15 @@ def _decodes_in_place(fd: int, offset: int, data: memoryview) -> bool:
             if alone.format not in IN_PLACE_FORMATS or alone.subtype not in IN_PLACE_SUBTYPES:
                 return False
             os.lseek(fd, offset, os.SEEK_SET)
-            inside = soundfile.SoundFile(fd, closefd=False)
-        with inside, soundfile.SoundFile(io.BytesIO(data)) as alone:
-            header = (alone.format, alone.subtype, alone.samplerate, alone.channels, alone.frames)
-            if (inside.format, inside.subtype, inside.samplerate, inside.channels, inside.frames) != header:
-                return False
-            tail = min(alone.frames, TAIL_FRAMES)
-            inside.seek(alone.frames - tail)
-            alone.seek(alone.frames - tail)
-            return np.array_equal(inside.read(tail, dtype="float32"), alone.read(tail, dtype="float32"),
-                                  equal_nan=True)
+            with soundfile.SoundFile(fd, closefd=False) as inside:
+                header = (alone.format, alone.subtype, alone.samplerate, alone.channels, alone.frames)
+                if (inside.format, inside.subtype, inside.samplerate, inside.channels, inside.frames) != header:
+                    return False
+                tail = min(alone.frames, TAIL_FRAMES)
+                inside.seek(alone.frames - tail)
+                alone.seek(alone.frames - tail)
+                return np.array_equal(inside.read(tail, dtype="float32"), alone.read(tail, dtype="float32"),
+                                      equal_nan=True)
     except DECODE_ERRORS:
         return False
 
@@ -210,7 +209,8 @@ def _locate_audio(path: str, pack_id: str) -> tuple[list[int], np.ndarray, np.nd
                     raise ValueError(f"the audio of row {sum(rows) + k} is not at its offset")
                 in_place.append(_decodes_in_place(handle.fileno(), offsets[-1], data))
             rows.append(len(audio))
-        if size < len(END_OF_STREAM) or os.pread(handle.fileno(), 8, size - 8) != END_OF_STREAM:
+        marker = len(END_OF_STREAM)
+        if size < marker or os.pread(handle.fileno(), marker, size - marker) != END_OF_STREAM:
             raise ValueError("no end-of-stream marker (truncated?)")
     return rows, np.array(offsets, dtype=np.int64), np.array(in_place, dtype=bool)
 
@@ -382,14 +382,15 @@ def _read_shard_ends(fs: fsspec.AbstractFileSystem, paths: list[str], sizes: lis
     """Per shard, (its schema message, its last 8 bytes: the end-of-stream marker that a shard shorter than its
     index says lacks) or the error that reading them raised. One batch of range requests, run concurrently by
     fsspec; a schema longer than `HEAD_BYTES` (its length is in its first 8 bytes) is read again whole."""
-    ends = fs.cat_ranges(paths * 2, [0] * len(paths) + [max(0, size - 8) for size in sizes],
+    ends = fs.cat_ranges(paths * 2, [0] * len(paths) + [max(0, size - len(END_OF_STREAM)) for size in sizes],
                          [min(size, HEAD_BYTES) for size in sizes] + sizes, on_error="return")
     results = []
     for path, size, head, tail in zip(paths, sizes, ends[: len(paths)], ends[len(paths) :]):
         error = next((part for part in (head, tail) if isinstance(part, Exception)), None)
-        if error is None and len(head) >= 8 and int.from_bytes(head[4:8], "little") + 8 > len(head):
+        schema_end = 8 + int.from_bytes(head[4:8], "little") if error is None and len(head) >= 8 else 0
+        if error is None and schema_end > len(head):
             try:
-                head = fs.cat_file(path, start=0, end=min(size, int.from_bytes(head[4:8], "little") + 8))
+                head = fs.cat_file(path, start=0, end=min(size, schema_end))
             except Exception as failure:
                 error = failure
         results.append(error if error is not None else (head, tail))
@@ -613,7 +614,7 @@ class ShardDataset:
 
     def _shard_file(self, shard: int) -> int:
         """This process's open descriptor of a local shard (the least recently used closed past `OPEN_SHARDS`)."""
-        self.fs  # a forked process drops its parent's descriptors first
+        self.fs  # a forked process starts its own descriptors (the parent's stay the parent's)
         fd = self._open_files.get(shard)
         if fd is None:
             path = self._readable_shard(shard)

@@ -50,7 +50,7 @@ class _Source:
 
 
 def _block_lengths(dataset, manifest: Manifest | ShardDataset) -> np.ndarray | None:
-    """How a dataset is cut into blocks for shuffling: a pack's blocks (record batches), or `block_rows` rows of a CSV."""
+    """How a dataset is cut into blocks for shuffling: a pack's record batches, or `block_rows` rows of a CSV."""
     if isinstance(manifest, ShardDataset):
         if dataset.block_rows is not None and dataset.block_rows != manifest.block_rows:
             raise UserError(f"{manifest.index_path}: packed in blocks of {manifest.block_rows} rows, but "
