@@ -4,8 +4,10 @@ loopback), shuffle quality, damaged shards, bad inputs, exact resume from shards
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +31,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ecapa_accel.config import config_from_dict
-from ecapa_accel.data import build_training_data, pack_manifest, shards
+from ecapa_accel.data import ShardDataset, build_training_data, pack_manifest, shards
 from ecapa_accel.data.mixing import block_shuffled_rows
 from ecapa_accel.errors import UserError
 
@@ -383,6 +385,26 @@ def test_a_shard_schema_longer_than_the_first_read_is_read_whole(tmp_path, tone_
     for spec in (str(out), f"{http_server.url}/{out.name}"):
         data = build_training_data(make_config([{"name": "set", "shards": spec}]))
         assert not data._sources[0].manifest.unreadable and len(draw(data)) == 5
+
+
+def test_a_forked_worker_leaves_the_parents_http_connections_working(tmp_path, tone_corpus, http_server):
+    """A DataLoader worker opens its own file system; freeing the inherited one would close the parent's pooled
+    connections on their event loop, which parent and child share across fork: the parent's next request on
+    one of them would wait forever."""
+    _, out = packed(tone_corpus, tmp_path)
+    url = f"{http_server.url}/{out.name}"
+    dataset = ShardDataset(url)  # start-up reads leave connections in the parent's pool
+    child = os.fork()
+    if child == 0:
+        dataset.fs  # what a worker does first
+        gc.collect()
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    opened = []
+    reopen = threading.Thread(target=lambda: opened.append(ShardDataset(url)), daemon=True)
+    reopen.start()
+    reopen.join(30)
+    assert opened and len(opened[0]) == 15, "the parent's next request hung"
 
 
 def test_a_damaged_shard_met_in_training_is_skipped_counted_and_named(tmp_path, tone_corpus, caplog):
